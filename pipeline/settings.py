@@ -1,0 +1,276 @@
+"""The one settings model: `config.yaml`, overridden by `ANOCLIP_...` environment variables.
+
+Nested keys use `__` (`ANOCLIP_MODEL__PRETRAINED=none`); lists take JSON
+(`ANOCLIP_LINES='[{"id": "bottle", "class_name": "bottle"}]'`). Every error names its key, and
+`load_settings` is called at start-up so a bad config never reaches a running worker.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pipeline.errors import ConfigError, UnknownLineError
+
+DEFAULT_CONFIG = "config.yaml"
+CONFIG_ENV = "ANOCLIP_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Section):
+    """Backbone, weights and scoring choices shared by every line."""
+
+    arch: str = "ViT-B-16-plus-240"
+    pretrained: str = "laion400m_e32"
+    """open_clip pretrained tag, a local checkpoint path, or `none` (random init: tests and smoke runs)."""
+    seed: int = 0
+    """Seed for random init (`pretrained: none`) so text caches and tests are reproducible."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    vv_start_block: int = Field(1, ge=1)
+    """First block (1-based) of the value-wise path; the official code uses 1 (all blocks)."""
+    feature_layers: list[int] = Field(default_factory=list)
+    """Blocks whose V-V tokens are fused (1-based). Empty = the last block only, as the official code."""
+    temperature: float = Field(1.0, gt=0)
+    """Multiplier on cosine similarities before the softmax; the official code uses 1 (none)."""
+    image_score: Literal["cls", "multiview"] = "cls"
+    resize: Literal["tile", "squash"] = "tile"
+    """`tile`: keep aspect, score overlapping square tiles along the long side. `squash`: resize to a square."""
+    batch_size: int = Field(8, ge=1)
+    text_cache_dir: str = "~/.cache/anoclip/text"
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be an open_clip tag, a checkpoint path or 'none'")
+        return v.strip()
+
+    @field_validator("feature_layers")
+    @classmethod
+    def _layers_positive(cls, v: list[int]) -> list[int]:
+        if any(i < 1 for i in v):
+            raise ValueError("block numbers are 1-based")
+        return sorted(set(v))
+
+
+class ThresholdSettings(_Section):
+    """How a line turns scores into verdicts and masks."""
+
+    image: float | None = None
+    """Fixed image-score threshold; overrides calibration."""
+    pixel: float | None = None
+    """Fixed pixel threshold for masks; overrides calibration."""
+    quantile: float = Field(0.99, gt=0, lt=1)
+    """Quantile of the warm-up scores used as the calibrated threshold."""
+    warmup_frames: int = Field(100, ge=0)
+    """Frames scored before calibration; 0 = never calibrate (use the fixed or default threshold)."""
+    default_image: float = 0.5
+    """Threshold before calibration: p(abnormal) = 0.5 is where the abnormal prompt wins."""
+    default_pixel: float = 0.5
+    heatmap_span: float = Field(0.02, gt=0)
+    """Heatmap colour range around the pixel threshold until the line has its own statistics."""
+
+
+class LineSettings(_Section):
+    """One product line: what it makes and how it is judged."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    class_name: str = Field(min_length=1)
+    domain: Literal["object", "texture"] = "object"
+    extra_normal_states: list[str] = Field(default_factory=list)
+    extra_abnormal_states: list[str] = Field(default_factory=list)
+    adapter_kind: Literal["text", "linear"] = "text"
+    threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
+
+    @field_validator("extra_normal_states", "extra_abnormal_states")
+    @classmethod
+    def _has_slot(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if s.count("{}") != 1:
+                raise ValueError(f"state phrase {s!r} must contain exactly one '{{}}' for the class name")
+        return v
+
+
+class KafkaSettings(_Section):
+    """Client settings. Defaults suit Apache Kafka; the local Tansu broker needs the overrides in config.yaml."""
+
+    bootstrap_servers: str = "127.0.0.1:19092"
+    frames_topic: str = "frames"
+    dlq_topic: str = "frames.dlq"
+    group_id: str = "anoclip-workers"
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    client_id: str = "anoclip"
+    session_timeout_ms: int = Field(45000, ge=1000)
+    heartbeat_interval_ms: int = Field(3000, ge=100)
+    max_poll_records: int = Field(50, ge=1)
+    max_poll_interval_ms: int = Field(300000, ge=1000)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    enable_idempotence: bool = True
+    acks: Literal["all", "1", "0"] = "all"
+    linger_ms: int = Field(5, ge=0)
+    max_request_size: int = Field(16 << 20, ge=1 << 20)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError("SASL needs sasl_mechanism, sasl_username and sasl_password")
+        return self
+
+
+class RedisSettings(_Section):
+    """Where results, alerts, masks and the adapter registry live."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "anoclip"
+    username: str | None = None
+    password: str | None = None
+    ssl_ca_certs: str | None = None
+    results_maxlen: int = Field(100_000, ge=100)
+    alerts_maxlen: int = Field(100_000, ge=100)
+    frame_ttl_s: int = Field(24 * 3600, ge=1)
+    socket_timeout_s: float = Field(5.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    """Inspection worker behaviour."""
+
+    max_batch: int = Field(8, ge=1)
+    max_wait_ms: int = Field(50, ge=0)
+    max_frame_bytes: int = Field(32 << 20, ge=1024)
+    max_pixels: int = Field(50_000_000, ge=1024)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9400, ge=0, le=65535)
+    retry_backoff_s: float = Field(0.5, gt=0)
+    retry_backoff_max_s: float = Field(10.0, gt=0)
+
+
+class TTASettings(_Section):
+    """Test-time adaptation; the defaults are the official code's constants."""
+
+    mode: Literal["off", "per_frame", "buffered"] = "off"
+    steps: int = Field(5, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    noise_std: float = Field(0.055, ge=0)
+    entropy_weight: float = Field(1.0, ge=0)
+    hard_weight: float = Field(0.5, ge=0)
+    residual: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+
+class Settings(BaseSettings):
+    """Root of the configuration. Build it with `load_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="ANOCLIP_", env_nested_delimiter="__", extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lines: list[LineSettings] = Field(default_factory=list)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    tta: TTASettings = Field(default_factory=TTASettings)
+
+    @model_validator(mode="after")
+    def _unique_lines(self) -> Settings:
+        seen: set[str] = set()
+        for line in self.lines:
+            if line.id in seen:
+                raise ValueError(f"line id {line.id!r} is declared twice")
+            seen.add(line.id)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file comes in as init kwargs; the environment must win over it.
+        return env_settings, init_settings, file_secret_settings
+
+    def line(self, line_id: str) -> LineSettings:
+        """The line's settings, or UnknownLineError naming the known lines."""
+        for line in self.lines:
+            if line.id == line_id:
+                return line
+        known = ", ".join(sorted(x.id for x in self.lines)) or "none"
+        raise UnknownLineError(f"unknown line {line_id!r} (configured lines: {known})")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        parts.append(f"{key}: {e['msg']}")
+    return f"invalid configuration ({source}): " + "; ".join(parts)
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file to read: the argument, else $ANOCLIP_CONFIG, else ./config.yaml if it exists."""
+    if path is not None:
+        return Path(path)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    default = Path(DEFAULT_CONFIG)
+    return default if default.exists() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read YAML, apply environment overrides and `overrides`, validate; raise ConfigError on any problem."""
+    cfg_path = resolve_config_path(path)
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if cfg_path is not None:
+        source = str(cfg_path)
+        if not cfg_path.is_file():
+            raise ConfigError(f"config file not found: {cfg_path}")
+        try:
+            loaded = yaml.safe_load(cfg_path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {cfg_path} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {cfg_path} must hold a mapping at the top level")
+        data = loaded
+    data = _deep_merge(data, overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from e
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

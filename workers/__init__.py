@@ -1,0 +1,1 @@
+"""Process entry points: each sub-command of `anoclip` wires library parts together."""
