@@ -70,7 +70,9 @@ class ThresholdSettings(_Section):
     pixel: float | None = None
     """Fixed pixel threshold for masks; overrides calibration."""
     quantile: float = Field(0.99, gt=0, lt=1)
-    """Quantile of the warm-up scores used as the calibrated threshold."""
+    """Quantile of the warm-up image scores used as the calibrated image threshold."""
+    pixel_quantile: float = Field(0.999, gt=0, lt=1)
+    """Quantile of the warm-up pixel scores used as the calibrated pixel (mask) threshold."""
     warmup_frames: int = Field(100, ge=0)
     """Frames scored before calibration; 0 = never calibrate (use the fixed or default threshold)."""
     default_image: float = 0.5
@@ -126,6 +128,15 @@ class KafkaSettings(_Section):
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    batch_size: int = Field(1 << 20, ge=0)
+    """Producer batch bytes; frames are tens of KB, so the 16 KB client default would send them one by one."""
+    max_partition_fetch_bytes: int = Field(8 << 20, ge=1 << 16)
+    """Consumer fetch bytes per partition; a few frames per fetch."""
+    request_timeout_ms: int = Field(30000, ge=1000)
+    local_dir: str = ".kafka"
+    """Local stack only: cache of the pinned Tansu broker binary, its pid file and log."""
+    local_storage: str = "memory://tansu/"
+    """Local stack only: Tansu storage URL (`memory://` forgets everything on restart)."""
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
@@ -148,6 +159,12 @@ class RedisSettings(_Section):
     alerts_maxlen: int = Field(100_000, ge=100)
     frame_ttl_s: int = Field(24 * 3600, ge=1)
     socket_timeout_s: float = Field(5.0, gt=0)
+    done_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    """How long a frame's done marker lives: replays older than this would publish twice."""
+    heartbeat_ttl_s: int = Field(30, ge=2)
+    """A worker's heartbeat hash expires this long after its last beat."""
+    local_dir: str = ".stack/redis"
+    """Local stack only: data, pid file and log of a redis-server the stack starts itself."""
 
 
 class WorkerSettings(_Section):
@@ -161,6 +178,16 @@ class WorkerSettings(_Section):
     metrics_port: int = Field(9400, ge=0, le=65535)
     retry_backoff_s: float = Field(0.5, gt=0)
     retry_backoff_max_s: float = Field(10.0, gt=0)
+    max_in_flight: int = Field(64, ge=1)
+    """Frames polled but not yet published; above this the worker pauses its partitions (backpressure)."""
+    commit_interval_ms: int = Field(0, ge=0)
+    """Commit at most this often (0 = after every published batch); larger values mean more replays."""
+    drain_timeout_s: float = Field(30.0, gt=0)
+    """On SIGTERM, how long to wait for the batch in hand to be published before leaving anyway."""
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    """How often the worker writes its heartbeat hash and re-reads run-time threshold overrides."""
+    worker_id: str | None = None
+    """Name in heartbeats and logs; default host-pid."""
 
 
 class TTASettings(_Section):

@@ -1,0 +1,184 @@
+"""Frames of a line in, verdicts, maps, masks and regions out: the scorer plus each line's state.
+
+Both `anoclip score` and the streaming worker go through this one class, so a frame is judged the
+same way wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.imaging import preprocess
+from pipeline.model import AnoCLIP, TextFeatures, TokenAdapter, build_prompt_set, create_anoclip
+from pipeline.regions import Region, defect_regions
+from pipeline.settings import LineSettings, Settings
+from pipeline.text_cache import TextFeatureCache
+from pipeline.thresholds import LineThresholds
+
+
+@dataclass
+class RawScore:
+    """The model's view of one frame, at model input resolution."""
+
+    anomaly_map: torch.Tensor
+    """(h, w) float32 p(abnormal) at the model input size (e.g. 240 x 240, or 240 x W' when tiled)."""
+    score: float
+    tokens: torch.Tensor
+    """(n_tiles, n_layers, P, C) raw V-V tokens, before any adapter."""
+    frame_hw: tuple[int, int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return int(self.anomaly_map.shape[0]), int(self.anomaly_map.shape[1])
+
+
+@dataclass
+class Inspection:
+    """The verdict on one frame, at the frame's own resolution."""
+
+    line: str
+    score: float
+    verdict: bool
+    """True = anomalous."""
+    image_threshold: float
+    pixel_threshold: float
+    threshold_source: str
+    max_pixel_score: float
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    regions: list[Region]
+    heatmap_range: tuple[float, float]
+    adapter_version: str | None
+    timings: dict[str, float]
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready result without the arrays."""
+        return {
+            "line": self.line,
+            "score": round(self.score, 6),
+            "verdict": "anomalous" if self.verdict else "normal",
+            "threshold": round(self.image_threshold, 6),
+            "pixel_threshold": round(self.pixel_threshold, 6),
+            "threshold_source": self.threshold_source,
+            "max_pixel_score": round(self.max_pixel_score, 6),
+            "defect_area": int(self.mask.sum()),
+            "regions": [r.to_dict() for r in self.regions],
+            "adapter_version": self.adapter_version,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+class Inspector:
+    """Holds the model, each line's text features and thresholds."""
+
+    def __init__(self, settings: Settings, model: AnoCLIP, text_cache: TextFeatureCache | None = None) -> None:
+        self.settings = settings
+        self.model = model
+        self.text_cache = text_cache or TextFeatureCache(settings.model.text_cache_dir)
+        self._text: dict[str, TextFeatures] = {}
+        self._thresholds: dict[str, LineThresholds] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Inspector:
+        return cls(settings, create_anoclip(settings.model))
+
+    def line(self, line_id: str) -> LineSettings:
+        return self.settings.line(line_id)
+
+    def prepare_line(self, line_id: str) -> TextFeatures:
+        """The line's text features (encoded once, then cached in memory and on disk)."""
+        tf = self._text.get(line_id)
+        if tf is None:
+            line = self.line(line_id)
+            prompts = build_prompt_set(
+                line.class_name, line.domain, line.extra_normal_states, line.extra_abnormal_states
+            )
+            tf = self._text[line_id] = self.text_cache.get_or_compute(self.model, prompts)
+        return tf
+
+    def prompt_hash(self, line_id: str) -> str:
+        line = self.line(line_id)
+        return build_prompt_set(line.class_name, line.domain, line.extra_normal_states, line.extra_abnormal_states).hash
+
+    def thresholds(self, line_id: str) -> LineThresholds:
+        th = self._thresholds.get(line_id)
+        if th is None:
+            th = self._thresholds[line_id] = LineThresholds(self.line(line_id).threshold)
+        return th
+
+    def score_raw(
+        self, line_id: str, images: list[np.ndarray], adapter: TokenAdapter | None = None
+    ) -> list[RawScore]:
+        """Run the model on frames of one line, batching frames whose model input sizes agree."""
+        text = self.prepare_line(line_id)
+        m = self.settings.model
+        out: list[RawScore | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor, float]]] = defaultdict(list)
+        for i, img in enumerate(images):
+            t0 = time.perf_counter()
+            x = preprocess(img, self.model.image_size, m.resize)
+            groups[tuple(x.shape)].append((i, x, (time.perf_counter() - t0) * 1e3))
+        for items in groups.values():
+            for start in range(0, len(items), m.batch_size):
+                chunk = items[start : start + m.batch_size]
+                t0 = time.perf_counter()
+                res = self.model(torch.stack([x for _, x, _ in chunk]), text, adapter)
+                maps = res.anomaly_maps.cpu()
+                model_ms = (time.perf_counter() - t0) * 1e3 / len(chunk)
+                for j, (i, _, pre_ms) in enumerate(chunk):
+                    out[i] = RawScore(
+                        anomaly_map=maps[j],
+                        score=float(res.image_scores[j]),
+                        tokens=res.tokens[j],
+                        frame_hw=(int(images[i].shape[0]), int(images[i].shape[1])),
+                        timings={"preprocess": pre_ms, "model": model_ms},
+                    )
+        return [r for r in out if r is not None]
+
+    def judge(self, line_id: str, raw: RawScore, adapter_version: str | None = None) -> Inspection:
+        """Thresholds, full-resolution map, mask and regions for one scored frame; feeds calibration."""
+        t0 = time.perf_counter()
+        th = self.thresholds(line_id)
+        image_thr, pixel_thr, source, hm_range = th.image, th.pixel, th.source, th.heatmap_range()
+        h, w = raw.frame_hw
+        amap = raw.anomaly_map
+        if (h, w) != raw.input_hw:
+            amap = F.interpolate(amap[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        amap_np = amap.numpy()
+        mask = amap_np >= pixel_thr
+        regions = defect_regions(mask, amap_np)
+        th.observe(raw.score, raw.anomaly_map.numpy())
+        timings = dict(raw.timings)
+        timings["post"] = (time.perf_counter() - t0) * 1e3
+        return Inspection(
+            line=line_id,
+            score=raw.score,
+            verdict=raw.score >= image_thr,
+            image_threshold=image_thr,
+            pixel_threshold=pixel_thr,
+            threshold_source=source,
+            max_pixel_score=float(amap_np.max()),
+            anomaly_map=amap_np,
+            mask=mask,
+            regions=regions,
+            heatmap_range=hm_range,
+            adapter_version=adapter_version,
+            timings=timings,
+        )
+
+    def inspect(
+        self,
+        line_id: str,
+        images: list[np.ndarray],
+        adapter: TokenAdapter | None = None,
+        adapter_version: str | None = None,
+    ) -> list[Inspection]:
+        """Score and judge frames of one line."""
+        return [self.judge(line_id, r, adapter_version) for r in self.score_raw(line_id, images, adapter)]
