@@ -191,7 +191,9 @@ class AnoCLIP(nn.Module):
         return torch.stack(tiles, dim=1).flatten(0, 1)  # (B * n_tiles, 3, S, S), image-major
 
     @torch.no_grad()
-    def image_scores_multiview(self, tiles: torch.Tensor, cls_embedding: torch.Tensor, text: TextFeatures) -> torch.Tensor:
+    def image_scores_multiview(
+        self, tiles: torch.Tensor, cls_embedding: torch.Tensor, text: TextFeatures
+    ) -> torch.Tensor:
         """(N,) mean p_abn over the original view (given) and the 21 augmented ones."""
         with self._autocast():
             aug = self.encoder(multiview(tiles), with_patches=False).cls_embedding.float()

@@ -29,6 +29,13 @@ class VisualFeatures:
     """(N, n_layers, P, C): V-V patch tokens after ln_post + proj (CLS dropped), one entry per fused layer."""
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d_h)) v. On CPU in bf16/fp16 plain matmuls beat the fused SDPA kernel ~2x."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class DualPathViT(nn.Module):
     """Wraps an open_clip `VisionTransformer` and runs both paths in one pass (weights are shared, not copied)."""
 
@@ -36,7 +43,8 @@ class DualPathViT(nn.Module):
         super().__init__()
         for attr in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj"):
             if not hasattr(visual, attr):
-                raise TypeError(f"vision tower {type(visual).__name__} has no {attr!r}: only open_clip ViTs are supported")
+                name = type(visual).__name__
+                raise TypeError(f"vision tower {name} has no {attr!r}: only open_clip ViTs are supported")
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError("vision towers with attentional pooling are not supported")
         if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "final_ln_after_pool", False):
@@ -97,9 +105,9 @@ class DualPathViT(nn.Module):
         kept: list[torch.Tensor] = []
         for k, block in enumerate(self.blocks):
             q, kk, v = self._qkv(block, x)
-            a_ori = self._merge(block, F.scaled_dot_product_attention(q, kk, v))
+            a_ori = self._merge(block, attend(q, kk, v))
             if with_patches and k >= self.vv_start:
-                a_vv = self._merge(block, F.scaled_dot_product_attention(v, v, v))
+                a_vv = self._merge(block, attend(v, v, v))
                 vv = (x if vv is None else vv) + block.ls_1(a_vv)  # a fresh tensor each block: no aliasing
                 if k + 1 in self.feature_layers:
                     kept.append(vv[:, 1:])

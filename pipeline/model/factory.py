@@ -59,6 +59,13 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _checkpoint_path(pretrained: str, arch: str) -> Path:
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"model.pretrained: checkpoint file {path} for {arch} does not exist")
+    return path
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` picks CUDA when present; asking for CUDA without one is a config error, not a fallback."""
     if device == "auto":
@@ -71,12 +78,17 @@ def resolve_device(device: str) -> torch.device:
 def _build_clip(arch: str, pretrained: str, seed: int) -> tuple[torch.nn.Module, str]:
     """The open_clip model with its weights, and an id of those weights for cache keys."""
     if arch in MODEL_CONFIGS:
-        if not _is_random(pretrained):
-            raise ConfigError(f"model.pretrained: {arch!r} is a test architecture without weights; use 'none'")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CLIP(**MODEL_CONFIGS[arch])
-        return model, f"{arch}/random-seed{seed}"
+        if _is_random(pretrained):
+            return model, f"{arch}/random-seed{seed}"
+        path = _checkpoint_path(pretrained, arch)
+        try:
+            open_clip.load_checkpoint(model, str(path), weights_only=True)
+        except Exception as e:
+            raise WeightsError(f"could not load checkpoint {path} into {arch}: {e}") from e
+        return model, f"{arch}/file-{_file_digest(path)}"
     if arch not in open_clip.list_models():
         raise ConfigError(f"model.arch: unknown architecture {arch!r} (see pipeline.model.list_models())")
     if _is_random(pretrained):
@@ -86,9 +98,7 @@ def _build_clip(arch: str, pretrained: str, seed: int) -> tuple[torch.nn.Module,
             model = open_clip.create_model(arch, pretrained=None)
         return model, f"{arch}/random-seed{seed}"
     if _looks_like_path(pretrained) or Path(pretrained).expanduser().exists():
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"model.pretrained: checkpoint file {path} does not exist")
+        path = _checkpoint_path(pretrained, arch)
         try:
             model = open_clip.create_model(arch, pretrained=str(path), require_pretrained=True)
         except Exception as e:  # open_clip raises many kinds; the message is what matters

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up anoclip on a fresh machine: a virtualenv in .venv with the pinned torch build and the project.
+#   bash deploy/local/setup.sh          # runtime
+#   bash deploy/local/setup.sh --dev    # + test tools and, as root with apt, the Chromium the dashboard test drives
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
+DEV=0
+[ "${1:-}" = "--dev" ] && DEV=1
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null; then
+  echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (pinned; never unpinned)"
+  pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+if [ "$DEV" = 1 ]; then
+  echo "[setup] installing anoclip with dev extras"
+  pip install -q -e ".[dev]"
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "[setup] installing chromium + chromium-driver (dashboard browser test)"
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+      echo "[setup] WARNING: chromium/chromedriver missing; the dashboard browser test will fail" >&2
+    fi
+  fi
+else
+  echo "[setup] installing anoclip"
+  pip install -q -e .
+fi
+command -v redis-server >/dev/null 2>&1 || echo "[setup] note: redis-server not found; 'anoclip stack up' needs Redis reachable or redis-server installed" >&2
+echo "[setup] done: . .venv/bin/activate && anoclip --help"
