@@ -62,6 +62,10 @@ class RedisKeys:
         """Hash: `tensors` (safetensors bytes) and `meta` (JSON)."""
         return f"{self.prefix}:adapters:{line}:v:{version}"
 
+    def adapter_seq(self, line: str) -> str:
+        """Counter naming the line's versions v1, v2, ..."""
+        return f"{self.prefix}:adapters:{line}:seq"
+
     def adapter_current(self, line: str) -> str:
         """String: the version workers serve; moved atomically."""
         return f"{self.prefix}:adapters:{line}:current"

@@ -1,0 +1,95 @@
+"""`anoclip adapters list|show|rollback|pause|resume|refresh --line LINE`: see and steer a line's adapter.
+
+`refresh` asks the line's trainer (a running worker) to refresh now and waits for the outcome, so a
+cron job or Kubernetes CronJob can drive refreshes and read the exit code:
+0 = a new version was promoted, 3 = the candidate was refused (reason printed), 4 = no answer in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.adapter_registry import AdapterRegistry, default_actor
+from pipeline.redis_io import make_redis
+from pipeline.redis_keys import RedisKeys
+from pipeline.settings import load_settings
+
+EXIT_REFUSED = 3
+EXIT_TIMEOUT = 4
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "show", "rollback", "pause", "resume", "refresh"])
+    p.add_argument("--line", required=True, help="product line id")
+    p.add_argument("--config", default=None, help="config file (default: $ANOCLIP_CONFIG or ./config.yaml)")
+    p.add_argument("--version", default=None, help="show: which version (default current); rollback: target")
+    p.add_argument("--reason", default="", help="why (kept in the audit trail)")
+    p.add_argument("--timeout", type=float, default=600.0, help="refresh: seconds to wait for the outcome")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _print(obj: object, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    elif isinstance(obj, list):
+        for row in obj:
+            print(row if isinstance(row, str) else json.dumps(row, default=str))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            print(f"{k}: {v if isinstance(v, str) else json.dumps(v, default=str)}")
+    else:
+        print(obj)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    settings.line(args.line)  # unknown lines fail here, naming the configured ones
+    reg = AdapterRegistry(make_redis(settings.redis), RedisKeys(settings.redis.prefix))
+    actor = default_actor()
+    line = args.line
+    if args.action == "list":
+        cur = reg.current(line)
+        rows = []
+        for v in reg.versions(line):
+            m = reg.meta(line, v)
+            rows.append({"version": v, "current": v == cur, "created": m.get("created"),
+                         "frames": m.get("training", {}).get("frames"), "validation": m.get("validation")})
+        if args.json:
+            _print({"line": line, "current": cur, "paused": reg.is_paused(line), "versions": rows}, True)
+        else:
+            print(f"line {line}: current {cur or 'none (base model)'}{' [PAUSED]' if reg.is_paused(line) else ''}")
+            for r in rows:
+                print(f"{'*' if r['current'] else ' '} {r['version']:>6}  created {r['created']}  "
+                      f"frames {r['frames']}  validation {json.dumps(r['validation'], default=str)}")
+        return 0
+    if args.action == "show":
+        version = args.version or reg.current(line)
+        out = {"line": line, "current": reg.current(line), "paused": reg.is_paused(line),
+               "audit": reg.audit(line, count=20)}
+        if version:
+            out["version"] = reg.meta(line, version)
+        _print(out, args.json)
+        return 0
+    if args.action == "rollback":
+        target = reg.rollback(line, args.version, actor=actor, reason=args.reason)
+        print(f"line {line}: current adapter is now {target or 'none (base model)'}")
+        return 0
+    if args.action == "pause":
+        reg.pause(line, actor=actor, reason=args.reason)
+        print(f"line {line}: adapter refreshes paused")
+        return 0
+    if args.action == "resume":
+        reg.resume(line, actor=actor, reason=args.reason)
+        print(f"line {line}: adapter refreshes resumed")
+        return 0
+    request_id = reg.request_refresh(line, actor=actor)
+    print(f"line {line}: refresh requested ({request_id}); waiting up to {args.timeout:.0f} s", file=sys.stderr)
+    outcome = reg.wait_outcome(line, request_id, args.timeout)
+    if outcome is None:
+        print(f"line {line}: no trainer answered within {args.timeout:.0f} s (is a worker serving this line "
+              f"with tta.mode=buffered?)", file=sys.stderr)
+        return EXIT_TIMEOUT
+    _print(outcome, args.json)
+    return 0 if outcome["action"] == "promote" else EXIT_REFUSED
