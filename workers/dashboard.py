@@ -1,0 +1,73 @@
+"""`anoclip dashboard`: serve the live, read-only inspection dashboard.
+
+Loopback by default. To listen beyond this machine, give an access token through the environment
+(`ANOCLIP_DASHBOARD_TOKEN`) or a file (`--token-file`, e.g. a mounted Kubernetes Secret); a token on
+the command line would show in `ps`, so there is no such option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from pipeline.dashboard.server import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, DashboardServer
+from pipeline.errors import ConfigError
+from pipeline.settings import load_settings
+
+log = logging.getLogger("anoclip.dashboard")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `anoclip dashboard`."""
+    p.add_argument("--config", default=None, help="config file (default: $ANOCLIP_CONFIG or ./config.yaml)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
+    p.add_argument("--token-file", default=None,
+                   help=f"file holding the access token (else ${TOKEN_ENV}); required off loopback")
+    p.add_argument("--allow-no-token", action="store_true",
+                   help="listen off loopback without a token (only on a network you trust)")
+    p.add_argument("--history", type=int, default=200, help="scores per line in the chart (default 200)")
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The access token from --token-file, else the environment; None when neither is set."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the dashboard token file {token_file}: {e}") from e
+        if not token:
+            raise ConfigError(f"the dashboard token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM."""
+    from pipeline.dashboard.store import DashboardStore
+
+    settings = load_settings(args.config)
+    store = DashboardStore(settings, history=max(10, args.history))
+    server = DashboardServer(settings, host=args.host, port=args.port, token=read_token(args.token_file),
+                             allow_no_token=args.allow_no_token, store=store)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping the dashboard", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    server.start()
+    auth = "token required" if server.token else "no token"
+    print(f"anoclip dashboard: {server.url}/ ({auth}; Redis {settings.redis.url}, prefix {settings.redis.prefix})",
+          flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.close()
+    return 0
