@@ -114,9 +114,23 @@ class Inspector:
         return th
 
     def score_raw(
-        self, line_id: str, images: list[np.ndarray], adapter: TokenAdapter | None = None
+        self,
+        line_id: str,
+        images: list[np.ndarray],
+        adapter: TokenAdapter | None = None,
+        tta: str | None = None,
     ) -> list[RawScore]:
-        """Run the model on frames of one line, batching frames whose model input sizes agree."""
+        """Run the model on frames of one line, batching frames whose model input sizes agree.
+
+        `tta="per_frame"` runs the paper's per-frame test-time adaptation (`settings.tta`, the line's
+        adapter kind): each frame's map comes from a fresh adapter trained on its own tokens. It cannot
+        be combined with a fixed `adapter`. The image score is never affected by TTA.
+        """
+        if tta not in (None, "off", "per_frame"):
+            raise ValueError(f"tta must be 'off' or 'per_frame' here, got {tta!r}")
+        per_frame = tta == "per_frame"
+        if per_frame and adapter is not None:
+            raise ValueError("per-frame TTA trains its own adapter per frame; do not pass a fixed adapter too")
         text = self.prepare_line(line_id)
         m = self.settings.model
         out: list[RawScore | None] = [None] * len(images)
@@ -130,17 +144,35 @@ class Inspector:
                 chunk = items[start : start + m.batch_size]
                 t0 = time.perf_counter()
                 res = self.model(torch.stack([x for _, x, _ in chunk]), text, adapter)
-                maps = res.anomaly_maps.cpu()
+                maps = res.anomaly_maps
                 model_ms = (time.perf_counter() - t0) * 1e3 / len(chunk)
+                timings = {"model": model_ms}
+                if per_frame:
+                    t0 = time.perf_counter()
+                    maps = self._per_frame_maps(line_id, res.tokens, text, tuple(maps.shape[-2:]))
+                    timings["tta"] = (time.perf_counter() - t0) * 1e3 / len(chunk)
+                maps = maps.cpu()
                 for j, (i, _, pre_ms) in enumerate(chunk):
                     out[i] = RawScore(
                         anomaly_map=maps[j],
                         score=float(res.image_scores[j]),
                         tokens=res.tokens[j],
                         frame_hw=(int(images[i].shape[0]), int(images[i].shape[1])),
-                        timings={"preprocess": pre_ms, "model": model_ms},
+                        timings={"preprocess": pre_ms, **timings},
                     )
         return [r for r in out if r is not None]
+
+    def _per_frame_maps(
+        self, line_id: str, tokens: torch.Tensor, text: TextFeatures, out_hw: tuple[int, int]
+    ) -> torch.Tensor:
+        """(B, H, W) maps of a batch after per-frame TTA on its (B, n_tiles, n_layers, P, C) tokens."""
+        from pipeline.model.tta import TTAParams, adapt_per_frame
+
+        params = TTAParams.from_settings(self.settings.tta)
+        result = adapt_per_frame(tokens, text, self.line(line_id).adapter_kind, params,
+                                 temperature=self.model.temperature)
+        with torch.no_grad():
+            return self.model.maps_from_tokens(tokens, text, out_hw, result.adapter)
 
     def judge(self, line_id: str, raw: RawScore, adapter_version: str | None = None) -> Inspection:
         """Thresholds, full-resolution map, mask and regions for one scored frame; feeds calibration."""
@@ -179,6 +211,8 @@ class Inspector:
         images: list[np.ndarray],
         adapter: TokenAdapter | None = None,
         adapter_version: str | None = None,
+        tta: str | None = None,
     ) -> list[Inspection]:
-        """Score and judge frames of one line."""
-        return [self.judge(line_id, r, adapter_version) for r in self.score_raw(line_id, images, adapter)]
+        """Score and judge frames of one line (`tta`: see `score_raw`)."""
+        raws = self.score_raw(line_id, images, adapter, tta)
+        return [self.judge(line_id, r, adapter_version) for r in raws]

@@ -132,6 +132,8 @@ class KafkaSettings(_Section):
     """Producer batch bytes; frames are tens of KB, so the 16 KB client default would send them one by one."""
     max_partition_fetch_bytes: int = Field(8 << 20, ge=1 << 16)
     """Consumer fetch bytes per partition; a few frames per fetch."""
+    fetch_max_wait_ms: int = Field(500, ge=0)
+    """How long the broker may hold a fetch waiting for data (Tansu holds it the full time: set it low)."""
     request_timeout_ms: int = Field(30000, ge=1000)
     local_dir: str = ".kafka"
     """Local stack only: cache of the pinned Tansu broker binary, its pid file and log."""
@@ -191,19 +193,81 @@ class WorkerSettings(_Section):
 
 
 class TTASettings(_Section):
-    """Test-time adaptation; the defaults are the official code's constants."""
+    """Test-time adaptation (docs/tta.md); the optimisation defaults are the official code's constants.
+
+    The adapter kind (text | linear) is chosen per line (`LineSettings.adapter_kind`). `steps` is the
+    per-frame step count; buffered refreshes use the same optimiser constants with their own budget.
+    """
 
     mode: Literal["off", "per_frame", "buffered"] = "off"
     steps: int = Field(5, ge=0)
+    """Per-frame mode: AdamW steps per frame (official: 5; 0 = a random, untrained adapter, as the official code)."""
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     noise_std: float = Field(0.055, ge=0)
+    """SD of the Gaussian noise added to raw tokens to make the "abnormal" copies (official: 0.05 * 1.1)."""
     entropy_weight: float = Field(1.0, ge=0)
     hard_weight: float = Field(0.5, ge=0)
     residual: float = Field(0.5, ge=0, le=1)
+    """Weight of the raw token in the adapter output; the adapter branch gets 1 - residual (official: 0.5/0.5)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Adapter matmuls in fp32 (official) or under bf16 autocast: ~2.5x faster per-frame TTA on CPUs with
+    AMX, p(abnormal) within ~2e-4 of fp32. Adapters loaded from files follow this too."""
     seed: int = 0
+    """Seeds adapter init and noise. Per-frame: every frame uses this seed, so a frame's result never
+    depends on the frames before it. Buffered: also seeds the hold-out split and the minibatches."""
+
+    # --- buffered mode: the per-line token buffer and the refresh budget ---------------------------
+    buffer_frames: int = Field(1000, ge=2)
+    """Most frames a line's token buffer keeps (oldest evicted first)."""
+    buffer_bytes: int = Field(512 << 20, ge=1 << 20)
+    """Most bytes of fp16 tokens a line's buffer keeps (ViT-B-16-plus-240: ~288 KB per 240x240 frame)."""
+    refresh_every: int = Field(500, ge=1)
+    """Frames offered to the buffer between two refreshes (stream and replay)."""
+    min_frames: int = Field(50, ge=2)
+    """Admitted frames needed before a refresh trains anything."""
+    holdout: float = Field(0.2, gt=0, lt=1)
+    """Share of buffered frames held out to validate the candidate adapter (never trained on)."""
+    train_steps: int = Field(100, ge=1)
+    """Step budget of one refresh."""
+    train_seconds: float = Field(20.0, gt=0)
+    """Time budget of one refresh; whichever budget ends first stops training."""
+    train_share: float = Field(0.05, gt=0, le=1)
+    """In a stream, a refresh also trains at most this share of the time spent scoring the frames offered
+    since the last refresh, so refreshes never starve inference (offline `anoclip adapt` ignores it)."""
+    batch_tokens: int = Field(2048, ge=1)
+    """Clean tokens per minibatch (each also gets a noisy copy), drawn from all training frames."""
+
+    # --- buffered mode: admission (judged with the base model, never with the adapter being refreshed) --
+    admit_max_image_score: float | None = None
+    """Frames scoring at or above this are not admitted. None: the line's image threshold once it is
+    configured or calibrated (frames the line would call anomalous never enter)."""
+    admit_image_z: float | None = Field(2.0, gt=0)
+    """Frames whose image score is this many robust SDs above the recent frames' median are not admitted."""
+    admit_patch_z: float = Field(3.0, gt=0)
+    """Patches this many robust SDs above their frame's median look abnormal and are not labelled normal."""
+    admit_max_abnormal_share: float = Field(0.05, ge=0, le=1)
+    """Frames with a larger share of abnormal-looking patches are not admitted at all."""
+
+    # --- buffered mode: the validation gate -------------------------------------------------------
+    gate_confident_z: float = Field(3.0, gt=0)
+    """A validation patch is confidently abnormal at this robust z of its model's own scores."""
+    gate_normal_z: float = 1.0
+    """...and confidently normal at or below this z; an abnormal one falling below it has flipped."""
+    gate_max_flip_share: float = Field(0.2, ge=0, le=1)
+    """Refuse a candidate flipping more than this share of confident abnormal (or normal) patches."""
+    gate_min_spread_ratio: float = Field(0.25, ge=0)
+    """Refuse a candidate whose SD of p(abnormal) falls below this multiple of the base model's."""
+    gate_min_confident: int = Field(10, ge=1)
+    """Flip shares are judged only over at least this many confident patches."""
+
+    @model_validator(mode="after")
+    def _gate_order(self) -> TTASettings:
+        if self.gate_normal_z >= self.gate_confident_z:
+            raise ValueError("gate_normal_z must be below gate_confident_z")
+        return self
 
     @field_validator("mode", mode="before")
     @classmethod

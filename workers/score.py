@@ -2,7 +2,8 @@
 
 Writes, per image, a binary defect mask PNG and a heatmap overlay PNG, and one JSON line to
 `results.jsonl`. Unreadable images are reported by name and skipped; the exit code is 1 when any
-image was skipped, so scripts notice.
+image was skipped, so scripts notice. `--adapter FILE` scores through a trained TTA adapter (checked
+against the model and line), `--tta per_frame` adapts a fresh adapter on every image (docs/tta.md).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.errors import ImageError
+from pipeline.adapter_files import load_adapter, target_for
+from pipeline.errors import ConfigError, ImageError
 from pipeline.imaging import list_images, load_image
 from pipeline.inspector import Inspector
+from pipeline.model.tta import TTAParams
 from pipeline.render import heatmap_png, mask_png
 from pipeline.settings import load_settings
 
@@ -32,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/score", help="output folder (default out/score)")
     p.add_argument("--threshold", type=float, default=None, help="image-score threshold (overrides config)")
     p.add_argument("--pixel-threshold", type=float, default=None, help="pixel threshold for masks")
+    p.add_argument("--adapter", default=None, metavar="FILE",
+                   help="TTA adapter file (from `anoclip adapt`); refused unless it fits this model and line")
+    p.add_argument("--tta", choices=["off", "per_frame"], default=None,
+                   help="per_frame: adapt a fresh adapter on every image (the paper's TTA); "
+                        "default: per_frame if tta.mode is per_frame in the config, else off")
 
 
 def output_names(paths: list[Path], roots: list[str]) -> list[str]:
@@ -58,7 +66,18 @@ def run(args: argparse.Namespace) -> int:
     th_cfg.warmup_frames = 0
     inspector = Inspector.from_settings(settings)
     inspector.thresholds(args.line).set_override(args.threshold, args.pixel_threshold)
-    inspector.prepare_line(args.line)
+    text = inspector.prepare_line(args.line)
+    tta = args.tta or ("per_frame" if settings.tta.mode == "per_frame" else "off")
+    adapter, adapter_version = None, None
+    if args.adapter is not None:
+        if tta == "per_frame":
+            raise ConfigError("--adapter and --tta per_frame exclude each other: per-frame TTA trains its own adapters")
+        dtype = TTAParams.from_settings(settings.tta).compute_dtype
+        adapter, meta = load_adapter(args.adapter, target_for(inspector, args.line), text, dtype)
+        adapter_version = f"file-{meta['id']}"
+        log.info("using %s adapter %s from %s", meta["kind"], adapter_version, args.adapter)
+    elif tta == "per_frame":
+        adapter_version = "per_frame"
 
     files = list_images(args.paths)
     names = output_names(files, args.paths)
@@ -84,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             if not images:
                 continue
             t0 = time.perf_counter()
-            inspections = inspector.inspect(args.line, images)
+            inspections = inspector.inspect(args.line, images, adapter, adapter_version, tta=tta)
             total_ms = (time.perf_counter() - t0) * 1e3 / len(images)
             for f, name, img, ins in zip(chunk, chunk_names, images, inspections, strict=True):
                 mask_path = out / "masks" / f"{name}.png"

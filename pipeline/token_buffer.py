@@ -1,0 +1,167 @@
+"""A bounded per-line ring buffer of fp16 patch tokens for buffered TTA, with admission.
+
+The streaming worker offers every scored frame; only frames the base model calls confidently normal
+get in (see `pipeline.model.tta.admit`), with their abnormal-looking patches marked so the trainer never
+labels them normal. The buffer is bounded by frame count and by bytes, evicting the oldest frames, and
+is thread-safe: the poll thread offers while a trainer thread takes snapshots.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.model.tta import Admission, AdmissionRule, TokenSet, admit
+
+
+@dataclass
+class BufferedFrame:
+    frame_id: str
+    tokens: torch.Tensor
+    """(N, C) fp16 on CPU: raw V-V tokens of all tiles and layers, flattened."""
+    clean: torch.Tensor
+    """(N,) bool: may be labelled normal."""
+    image_score: float
+    timestamp: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.numel() * self.tokens.element_size() + self.clean.numel()
+
+
+class TokenBuffer:
+    """Admitted frames of one line, oldest first, within `max_frames` and `max_bytes`."""
+
+    def __init__(
+        self,
+        line: str,
+        rule: AdmissionRule | None = None,
+        *,
+        max_frames: int = 1000,
+        max_bytes: int = 512 << 20,
+        score_history: int = 1000,
+    ) -> None:
+        if max_frames < 1 or max_bytes < 1:
+            raise ValueError("max_frames and max_bytes must be positive")
+        self.line = line
+        self.rule = rule or AdmissionRule()
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._frames: deque[BufferedFrame] = deque()
+        self._bytes = 0
+        self._scores: deque[float] = deque(maxlen=score_history)
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        """offered, admitted, evicted and refused:<rule> counts since creation."""
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def prime(self, image_scores: list[float]) -> None:
+        """Seed the image-score history behind the relative image rule (e.g. a batch scored up front)."""
+        with self._lock:
+            self._scores.extend(float(s) for s in image_scores)
+
+    def offer(
+        self,
+        frame_id: str,
+        tokens: torch.Tensor,
+        image_score: float,
+        scores: torch.Tensor,
+        timestamp: float | None = None,
+    ) -> Admission:
+        """Judge a scored frame and keep it if admitted.
+
+        tokens: the frame's raw tokens (..., C), e.g. `RawScore.tokens`; scores: their base-model
+        p(abnormal) with the same leading shape (`pipeline.model.tta.patch_scores(tokens, text)`).
+        """
+        with self._lock:
+            history = torch.tensor(list(self._scores)) if self._scores else None
+            self._scores.append(float(image_score))
+        c = tokens.shape[-1]
+        flat = tokens.detach().reshape(-1, c)
+        if scores.numel() != flat.shape[0]:
+            raise ValueError(f"{scores.numel()} patch scores for {flat.shape[0]} tokens")
+        decision = admit(float(image_score), scores, self.rule, history)
+        if decision.admitted and not bool(torch.isfinite(flat).all()):
+            decision = Admission(False, "non-finite tokens", None, decision.abnormal_share, "non_finite")
+        with self._lock:
+            self.counts["offered"] += 1
+            if self._frames and self._frames[0].tokens.shape[1] != c and decision.admitted:
+                decision = Admission(False, f"token width {c} differs from the buffer's "
+                                     f"{self._frames[0].tokens.shape[1]}", None, decision.abnormal_share, "shape")
+            if not decision.admitted:
+                self.counts[f"refused:{decision.rule}"] += 1
+                return decision
+            assert decision.clean is not None
+            frame = BufferedFrame(
+                str(frame_id),
+                flat.to("cpu", torch.float16).contiguous(),
+                decision.clean.reshape(-1).cpu().clone(),
+                float(image_score),
+                time.time() if timestamp is None else float(timestamp),
+            )
+            if frame.nbytes > self.max_bytes:
+                self.counts["refused:too_large"] += 1
+                return Admission(False, f"frame of {frame.nbytes} bytes exceeds the buffer's {self.max_bytes}",
+                                 None, decision.abnormal_share, "too_large")
+            self._frames.append(frame)
+            self._bytes += frame.nbytes
+            self.counts["admitted"] += 1
+            while len(self._frames) > self.max_frames or self._bytes > self.max_bytes:
+                old = self._frames.popleft()
+                self._bytes -= old.nbytes
+                self.counts["evicted"] += 1
+        return decision
+
+    def snapshot(self, device: torch.device | str | None = None) -> TokenSet:
+        """A copy of the buffered frames as one `TokenSet` (the buffer keeps filling meanwhile)."""
+        return self.snapshot_with_window(device)[0]
+
+    def snapshot_with_window(self, device: torch.device | str | None = None) -> tuple[TokenSet, dict[str, object]]:
+        """`snapshot` and the `window` of exactly those frames, taken together."""
+        with self._lock:
+            frames = list(self._frames)
+        if not frames:
+            raise ValueError(f"token buffer of line {self.line!r} is empty")
+        ts = TokenSet.from_frames([f.tokens for f in frames], [f.clean for f in frames])
+        if device is not None:
+            ts.tokens = ts.tokens.to(device)
+        return ts, self._window(frames)
+
+    def window(self) -> dict[str, object]:
+        """Which frames a snapshot taken now would hold: the adapter's training window."""
+        with self._lock:
+            frames = list(self._frames)
+        return self._window(frames)
+
+    @staticmethod
+    def _window(frames: list[BufferedFrame]) -> dict[str, object]:
+        if not frames:
+            return {"frames": 0}
+        return {
+            "frames": len(frames),
+            "first_frame": frames[0].frame_id,
+            "last_frame": frames[-1].frame_id,
+            "first_time": frames[0].timestamp,
+            "last_time": frames[-1].timestamp,
+        }
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            out = dict(self.counts)
+            out.update(frames=len(self._frames), bytes=self._bytes)
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._frames.clear()
+            self._bytes = 0
