@@ -228,6 +228,15 @@ class TTASettings(_Section):
     """Frames offered to the buffer between two refreshes (stream and replay)."""
     min_frames: int = Field(50, ge=2)
     """Admitted frames needed before a refresh trains anything."""
+    refresh_interval_s: float | None = Field(None, gt=0)
+    """Stream: also refresh when this many seconds passed since the last one (None: by frame count only)."""
+    lock_ttl_s: float = Field(60.0, ge=1)
+    """Stream: lease of the per-line trainer lock; renewed while training, expires if the trainer dies."""
+    trainer_poll_s: float = Field(1.0, gt=0)
+    """Stream: how often the trainer thread looks for due refreshes, requests and new adapter versions."""
+    request_grace_s: float = Field(3.0, ge=0)
+    """Stream: a worker without enough buffered frames waits this long for a better-fed one to answer a
+    refresh request before answering it with a refusal itself."""
     holdout: float = Field(0.2, gt=0, lt=1)
     """Share of buffered frames held out to validate the candidate adapter (never trained on)."""
     train_steps: int = Field(100, ge=1)

@@ -149,10 +149,14 @@ class BufferedTTA:
         return self._since_refresh >= self.settings.refresh_every and len(self.buffer) >= self.settings.min_frames
 
     def train_candidate(
-        self, progress: Callable[[int, float], None] | None = None, timed: bool = True
+        self,
+        progress: Callable[[int, float], None] | None = None,
+        timed: bool = True,
+        budget: BufferedBudget | None = None,
     ) -> tuple[ResidualAdapter | None, TrainingReport]:
-        """Train and gate a candidate on a snapshot of the buffer (`refresh_budget(timed)`); does not promote it."""
-        budget = self.refresh_budget(timed)
+        """Train and gate a candidate on a snapshot of the buffer (`budget`, default `refresh_budget(timed)`);
+        does not promote it."""
+        budget = budget or self.refresh_budget(timed)
         with self._lock:
             self._since_refresh = 0
             self._scoring_seconds = 0.0
@@ -181,6 +185,11 @@ class BufferedTTA:
             self.current = adapter
             self.version = version or f"local-{adapter_id(adapter)}"
             return self.version
+
+    def serve(self, adapter: ResidualAdapter | None, version: str | None) -> None:
+        """Serve a version loaded from elsewhere (the registry); None goes back to the base model."""
+        with self._lock:
+            self.current, self.version = adapter, version
 
     def refresh(self, progress: Callable[[int, float], None] | None = None, timed: bool = True) -> TrainingReport:
         """Train, gate and, if accepted, promote locally (single-process use: replay, eval, CLI)."""

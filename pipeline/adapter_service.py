@@ -1,0 +1,248 @@
+"""Streaming TTA inside a worker: serve each line's current adapter, buffer its frames, refresh it.
+
+* Serving: every `trainer_poll_s` the service reads each line's `current` pointer in the registry and,
+  when it moved (a promotion by any worker, a rollback), loads that version and swaps it in between
+  batches. `adapter_for(line)` is a lock-free read of (adapter, version); results name that version.
+* Buffering: `observe` offers each scored frame's raw tokens to the line's `BufferedTTA` (admission
+  judged with the base model).
+* Refreshing: a trainer thread, off the poll and scoring threads, trains when a refresh is due (every
+  `refresh_every` frames or `refresh_interval_s`) or requested (`anoclip adapters refresh`), under a
+  per-line Redis lock so one worker trains per line. The training budget is a share of the scoring
+  time (`train_share`). Accepted candidates are published through the registry, which refuses them if
+  the line was paused or rolled back meanwhile; refusals are recorded with their reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.adapter_files import build_meta, from_bytes, target_for, to_bytes
+from pipeline.adapter_registry import AdapterRegistry, TrainerLock
+from pipeline.errors import AdapterMismatchError
+from pipeline.inspector import Inspector, RawScore
+from pipeline.model.tta import BufferedBudget, TTAParams
+from pipeline.tta import BufferedTTA, admission_ceiling, report_figures
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _LineState:
+    tta: BufferedTTA
+    serving: tuple[Any, str | None] = (None, None)
+    last_refresh: float = field(default_factory=time.monotonic)
+    seen_request: str | None = None
+    """Last refresh request read; None until first read (requests from before this worker are not ours)."""
+    pending: dict[str, float] = field(default_factory=dict)
+    """Refresh request id -> when it was made (epoch seconds), until answered."""
+    bad_versions: set[str] = field(default_factory=set)
+
+
+class AdapterService:
+    """Per-worker owner of every line's adapter: serving, buffering, refreshing."""
+
+    def __init__(
+        self,
+        inspector: Inspector,
+        registry: AdapterRegistry,
+        lines: list[str],
+        worker_id: str,
+        metrics: Any = None,
+    ) -> None:
+        self.inspector = inspector
+        self.registry = registry
+        self.settings = inspector.settings.tta
+        self.worker_id = worker_id
+        self.metrics = metrics
+        self.compute_dtype = TTAParams.from_settings(self.settings).compute_dtype
+        self.lines: dict[str, _LineState] = {
+            line: _LineState(BufferedTTA.for_line(inspector, line)) for line in lines
+        }
+        for st in self.lines.values():
+            try:
+                st.seen_request = registry.last_request_id(st.tta.line_id)
+            except Exception:  # Redis away at start-up: read it on the first trainer step
+                st.seen_request = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- serving --------------------------------------------------------------------------------
+    def adapter_for(self, line: str) -> tuple[Any, str | None]:
+        st = self.lines.get(line)
+        return st.serving if st is not None else (None, None)
+
+    def sync(self, line: str) -> bool:
+        """Follow the registry's `current` pointer; True when the served adapter changed."""
+        st = self.lines[line]
+        version = self.registry.current(line)
+        if version == st.serving[1] or version in st.bad_versions:
+            return False
+        if version is None:
+            adapter = None
+        else:
+            try:
+                adapter, _ = from_bytes(self.registry.tensors(line, version), target_for(self.inspector, line),
+                                        st.tta.text, self.compute_dtype)
+            except (AdapterMismatchError, KeyError) as e:
+                # Keep serving what we have; a bad version must not take the line down.
+                st.bad_versions.add(version)
+                log.error("line %s: adapter %s cannot be served here: %s", line, version, e)
+                return False
+        previous = st.serving[1]
+        st.serving = (adapter, version)
+        st.tta.serve(adapter, version)
+        if self.metrics is not None:
+            self.metrics.adapter_version.labels(line, previous or "base").set(0)
+            self.metrics.adapter_version.labels(line, version or "base").set(1)
+        log.info("line %s: now serving adapter %s", line, version or "none (base model)")
+        return True
+
+    # -- buffering ------------------------------------------------------------------------------
+    def observe(self, line: str, frame_id: str, raw: RawScore, score_seconds: float, timestamp: float) -> None:
+        """Offer a scored frame to the line's buffer (only in buffered mode)."""
+        st = self.lines.get(line)
+        if st is None or self.settings.mode != "buffered":
+            return
+        st.tta.set_ceiling(admission_ceiling(self.inspector, line))
+        st.tta.observe(frame_id, raw.tokens, raw.score, timestamp, score_seconds=score_seconds)
+        if self.metrics is not None:
+            self.metrics.tta_buffer_frames.labels(line).set(len(st.tta.buffer))
+
+    # -- refreshing -----------------------------------------------------------------------------
+    def start(self) -> AdapterService:
+        self._thread = threading.Thread(target=self._loop, name="adapter-trainer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.trainer_poll_s):
+            for line in list(self.lines):
+                try:
+                    self.sync(line)
+                    if self.settings.mode == "buffered":
+                        self._maybe_refresh(line)
+                except Exception:  # Redis down or a bug: the trainer must never take the worker down
+                    log.exception("line %s: adapter service step failed", line)
+
+    def _collect_requests(self, st: _LineState) -> None:
+        line = st.tta.line_id
+        if st.seen_request is None:
+            st.seen_request = self.registry.last_request_id(line)
+        for entry_id, fields in self.registry.refresh_requests(line, st.seen_request):
+            st.seen_request = entry_id
+            st.pending[fields["request_id"]] = float(fields.get("ts", time.time()))
+        for rid in list(st.pending):
+            if self.registry.wait_outcome(line, rid, 0) is not None:
+                del st.pending[rid]  # another worker answered it
+
+    def _maybe_refresh(self, line: str) -> None:
+        st = self.lines[line]
+        self._collect_requests(st)
+        s = self.settings
+        enough = len(st.tta.buffer) >= s.min_frames
+        interval_due = (
+            s.refresh_interval_s is not None and enough and time.monotonic() - st.last_refresh >= s.refresh_interval_s
+        )
+        requested = bool(st.pending)
+        if requested and not enough and time.time() - min(st.pending.values()) < s.request_grace_s:
+            return  # let a worker that holds this line's frames answer first
+        if not (st.tta.due or interval_due or requested):
+            return
+        if self.registry.is_paused(line):
+            if requested:
+                for rid in list(st.pending):
+                    self.registry.record(line, "refuse", actor=self.worker_id, reason="line is paused",
+                                         request_id=rid)
+                st.pending.clear()
+            st.last_refresh = time.monotonic()
+            return
+        lock = TrainerLock(self.registry.r, self.registry.keys, line, self.worker_id, s.lock_ttl_s)
+        if not lock.acquire():
+            return  # another worker is training this line
+        try:
+            if requested and not (st.tta.due or interval_due):
+                self._collect_requests(st)  # answered while we waited for the lock? then nothing to do
+                if not st.pending:
+                    return
+            self.refresh(line, lock, list(st.pending))
+        finally:
+            lock.release()
+
+    def refresh(self, line: str, lock: TrainerLock | None = None, request_ids: list[str] | None = None) -> dict:
+        """Train, gate and publish (or refuse) one candidate for `line`; answers `request_ids`."""
+        st = self.lines[line]
+        base_version = st.serving[1]
+        last_renew = [time.monotonic()]
+        share = self.settings.train_share
+        step_started = [time.perf_counter()]
+
+        def progress(step: int, loss: float) -> None:
+            # Duty cycle: after a step that took t, rest t * (1 - share) / share, so training takes at
+            # most `train_share` of the cores while scoring goes on (both share the same torch threads).
+            busy = time.perf_counter() - step_started[0]
+            if share < 1 and self._stop.wait(busy * (1 - share) / share):
+                raise RuntimeError("worker stopping")
+            if self._stop.is_set():
+                raise RuntimeError("worker stopping")
+            if lock is not None and time.monotonic() - last_renew[0] > lock.ttl_ms / 3000:
+                if not lock.renew():
+                    raise RuntimeError("trainer lock lost during training")
+                last_renew[0] = time.monotonic()
+            step_started[0] = time.perf_counter()
+
+        st.last_refresh = time.monotonic()
+        rids = request_ids or []
+        budget = st.tta.refresh_budget(True)
+        # The budget is training time; with the rests in between, the wall-clock limit is 1/share longer.
+        budget = BufferedBudget(budget.max_steps, budget.max_seconds / share, budget.batch_tokens)
+        try:
+            adapter, report = st.tta.train_candidate(progress, budget=budget)
+        except RuntimeError as e:
+            self._count(line, "abandoned")
+            log.warning("line %s: refresh abandoned: %s", line, e)
+            return {"action": "abandoned", "reason": str(e)}
+        figures = report_figures(report)
+        if adapter is None or not report.accepted:
+            reason = "; ".join(report.reasons) or "refused"
+            for rid in rids or [None]:
+                self.registry.record(line, "refuse", actor=self.worker_id, reason=reason, request_id=rid,
+                                     report=figures)
+            self._forget(st, rids)
+            self._count(line, "refused")
+            log.info("line %s: candidate adapter refused: %s", line, reason)
+            return {"action": "refuse", "reason": reason}
+        meta = build_meta(adapter, target_for(self.inspector, line),
+                          training_window=report.extra.get("training_window"), validation=report.validation,
+                          training=figures)
+        result = self.registry.publish(line, to_bytes(adapter, meta), meta, actor=self.worker_id,
+                                       reason=report.summary(), base_version=base_version,
+                                       request_id=rids[0] if rids else None)
+        for rid in rids[1:]:
+            self.registry.record(line, "promote" if result.promoted else "refuse", actor=self.worker_id,
+                                 reason=result.reason, request_id=rid, version=result.version)
+        self._forget(st, rids)
+        if not result.promoted:
+            self._count(line, "refused")
+            return {"action": "refuse", "reason": result.reason}
+        self._count(line, "promoted")
+        self.sync(line)
+        log.info("line %s: promoted adapter %s (%s)", line, result.version, report.summary())
+        return {"action": "promote", "version": result.version}
+
+    @staticmethod
+    def _forget(st: _LineState, rids: list[str]) -> None:
+        for rid in rids:
+            st.pending.pop(rid, None)
+
+    def _count(self, line: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.tta_runs.labels(line, outcome).inc()
