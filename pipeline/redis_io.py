@@ -20,6 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pipeline.errors import ConfigError
 from pipeline.redis_keys import RedisKeys
 from pipeline.settings import RedisSettings
 
@@ -66,6 +67,9 @@ return 1
 
 def make_redis(rs: RedisSettings) -> redis.Redis:
     """A client that fails fast (one immediate reconnect attempt): the worker does its own backoff."""
+    # redis-py accepts TLS options only for rediss:// URLs; a CA with a plain URL is a config error.
+    if rs.ssl_ca_certs and not rs.url.startswith("rediss://"):
+        raise ConfigError("redis.ssl_ca_certs is set but redis.url is not a rediss:// (TLS) URL")
     extra: dict[str, Any] = {"ssl_ca_certs": rs.ssl_ca_certs} if rs.ssl_ca_certs else {}
     return redis.Redis.from_url(
         rs.url,

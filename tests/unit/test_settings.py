@@ -82,3 +82,13 @@ def test_unknown_line(tmp_path: Path) -> None:
     s = load_settings(_write(tmp_path, "lines: [{id: a, class_name: x}]"))
     with pytest.raises(UnknownLineError, match="'b'.*a"):
         s.line("b")
+
+
+def test_redis_tls_ca_needs_a_tls_url() -> None:
+    from pipeline.redis_io import make_redis
+    from pipeline.settings import RedisSettings
+
+    with pytest.raises(ConfigError, match="rediss://"):
+        make_redis(RedisSettings(url="redis://127.0.0.1:6379/0", ssl_ca_certs="/etc/ssl/ca.pem"))
+    client = make_redis(RedisSettings(url="rediss://127.0.0.1:6380/0", ssl_ca_certs="/etc/ssl/ca.pem"))
+    assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == "/etc/ssl/ca.pem"
