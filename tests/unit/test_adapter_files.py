@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +29,7 @@ from pipeline.model.adapters import ResidualAdapter
 from pipeline.model.tta import BufferedBudget, TokenSet, TTAParams, train_buffered
 from tests.conftest import make_tiny_settings
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is faster and far steadier on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
