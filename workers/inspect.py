@@ -129,6 +129,8 @@ class InspectionWorker:
         self._last_commit = 0.0
         self._last_lag = 0.0
         self._assigned: list[TopicPartition] = []
+        self._rewind: dict[TopicPartition, int] = {}
+        """Revoked partitions -> where their unfinished work starts, in case the rebalance hands them back."""
         self._threads: list[threading.Thread] = []
         self._producer: Any = None
         self._consumer: Any = None
@@ -373,14 +375,21 @@ class InspectionWorker:
         must not block: no synchronous commit, no waiting for work in flight (heartbeats would stop).
         What is finished is committed asynchronously; frames still in flight are simply forgotten: the
         partition's next owner replays them and its writes are skipped by frame id, so nothing is lost
-        or published twice. Frames not yet scored are dropped here to save the work.
+        or published twice. Frames not yet scored are dropped here to save the work. The next owner may
+        be this member again: `on_assigned` then rewinds the partition to where its unfinished work starts.
         """
+        if lost:  # another member may own these by now: no rewind on our own say-so, read what is committed
+            for tp in revoked:
+                self._rewind.pop(tp, None)
         revoked = [tp for tp in revoked if tp in self._offsets]
         if not revoked:
             return
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         if not lost:  # a member that was evicted can no longer commit
             for tp in revoked:
+                restart = self._offsets[tp].committable()
+                if restart is not None:
+                    self._rewind[tp] = restart
                 off = self._offsets[tp].to_commit()
                 if off is not None:
                     offsets[tp] = OffsetAndMetadata(off, "", -1)
@@ -410,13 +419,34 @@ class InspectionWorker:
                  {tp.partition: o.offset for tp, o in offsets.items()} or "nothing", in_flight)
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Take partitions in a rebalance (kafka-python's network thread, like `on_revoked`).
+
+        A partition that `on_revoked` just gave up may come straight back to this member. kafka-python
+        (3.x) then keeps its fetch position: it does not re-read the committed offset. But `on_revoked`
+        already forgot the partition's frames in flight and dropped its unscored ones, so consuming on
+        from that position would never re-read them: results missing for good, and the fresh
+        `PartitionOffsets` would later commit past them. Such a partition is rewound to its lowest
+        unfinished offset instead (what `on_revoked` committed); the frames in flight are read again
+        and their writes, where the old epoch got as far as Redis, are skipped by frame id.
+        """
+        rewind, self._rewind = self._rewind, {}
+        rewound = {}
         for tp in assigned:
             if tp not in self._offsets:
                 self._offsets[tp] = PartitionOffsets(epoch=self._next_epoch())
+            off = rewind.get(tp)
+            if off is not None:
+                try:
+                    self._consumer.seek(tp, off)
+                    rewound[tp.partition] = off
+                except (ValueError, KafkaError) as e:  # not assigned after all: the next owner reads it
+                    log.warning("rebalance: cannot rewind partition %s to offset %d: %s", tp, off, e)
         self._assigned = sorted(set(self._assigned) | set(assigned), key=lambda t: (t.topic, t.partition))
         self.metrics.partitions_assigned.set(len(self._assigned))
         self.health.partitions_assigned = bool(self._assigned)
         log.info("assigned partitions: %s", ",".join(str(tp.partition) for tp in self._assigned) or "none")
+        if rewound:
+            log.info("rebalance: got back partitions with frames in flight; re-reading from %s", rewound)
 
     # --- dead letters ---------------------------------------------------------------------------
     def _dead_letter(self, frame: Frame, reason: str, stage: str) -> None:

@@ -6,12 +6,15 @@ its frame (and every frame before it) is in Redis; a replay after a crash is ski
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
 
 import pytest
 
+from pipeline.envelope import build_headers
+from pipeline.kafka_io import make_consumer, make_producer
 from tests.integration.conftest import Pipeline, synthetic_frame, wait_for
 from workers.produce import FrameProducer
 
@@ -182,3 +185,47 @@ def test_second_worker_joins_mid_stream_nothing_lost(pipeline: Pipeline) -> None
     assert "rebalance: revoked partitions" in a.log()
     assert "Traceback" not in a.log() and "Traceback" not in b.log()
     assert a.health("/readyz")[1]["partitions_assigned"] and b.health("/readyz")[1]["partitions_assigned"]
+
+
+def test_partition_handed_back_with_frames_in_flight_is_read_again(pipeline: Pipeline) -> None:
+    """An eager rebalance that hands a partition straight back to the member that had frames in flight.
+
+    A buffers frames on all four partitions (a long max_wait_ms keeps them unscored); a plain consumer
+    joins the group, so A revokes all four, dropping the buffers, and gets two of them back. kafka-python
+    keeps the fetch position of a partition handed back, so unless A rewinds it those frames are never
+    read again (and a later commit would skip them). Then the other member leaves and A takes all four.
+    """
+    a = pipeline.start_worker("a", max_batch=64, max_wait_ms=10000, commit_interval_ms=200)
+    a.wait_ready()
+    ks = pipeline.settings.kafka
+    producer = make_producer(ks)
+    ids = []
+    for i in range(8):
+        line = ("bottle", "wood", "pcb1")[i % 3]
+        frame = synthetic_frame(line, i)
+        fid = f"handback-{i}"
+        headers = build_headers(fid, line, "cam-1", time.time_ns(), frame.content_type, extra=frame.extra_headers)
+        producer.send(ks.frames_topic, key=line.encode(), value=frame.data, headers=headers, partition=i % 4)
+        ids.append(fid)
+    producer.flush(30)
+    producer.close()
+    wait_for(lambda: a.metric("anoclip_frames_in_flight") == 8, 30, "8 frames in flight at A")
+
+    other = make_consumer(ks, ks.frames_topic, max_poll_records=1)
+    try:
+        deadline = time.monotonic() + 60
+        while not other.assignment() and time.monotonic() < deadline:
+            other.poll(timeout_ms=100)  # joins the group; reads but never commits
+        assert other.assignment(), "the second member got no partitions"
+        wait_for(lambda: a.log().count("assigned partitions:") >= 2, 30, "A to go through the rebalance")
+    finally:
+        other.close(autocommit=False)
+    revoked = re.search(r"rebalance: revoked partitions \S+; committing .*?; (\d+) frames in flight", a.log())
+    assert revoked and int(revoked.group(1)) > 0, f"A had no frames in flight at the rebalance:\n{a.log()[-2000:]}"
+    assert "got back partitions with frames in flight; re-reading" in a.log()
+
+    wait_for(lambda: len(pipeline.results()) >= 8, 60, "8 results after the partitions came back")
+    _assert_exactly_once(pipeline, ids)
+    wait_for(lambda: sum(pipeline.committed().values()) == 8, 30, "all 8 offsets committed")
+    assert a.metric("anoclip_frames_scored_total") == 8
+    assert "Traceback" not in a.log()
