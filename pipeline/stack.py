@@ -121,20 +121,13 @@ def _reap(pid: int) -> None:
 
 def pid_runs(pid: int | None, program: str) -> bool:
     """True if `pid` is alive and its command line mentions `program` (guards against pid reuse)."""
-    if not pid:
-        return False
-    _reap(pid)
-    try:
-        os.kill(pid, 0)
-    except OSError:
+    if not pid or not _alive(pid):
         return False
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True  # no /proc: trust the pid file
-    if ") Z " in stat:
-        return False
     comm = stat[stat.find("(") + 1 : stat.rfind(")")]
     # Right after exec the command line can read empty for a moment; the short name is set first.
     return program in raw.decode(errors="replace") or (not raw and bool(comm) and comm in program)
