@@ -157,22 +157,22 @@ class AdapterService:
             return  # let a worker that holds this line's frames answer first
         if not (st.tta.due or interval_due or requested):
             return
-        if self.registry.is_paused(line):
+        lock = TrainerLock(self.registry.r, self.registry.keys, line, self.worker_id, s.lock_ttl_s)
+        if not lock.acquire():
+            return  # another worker is training (or answering) for this line
+        try:
             if requested:
+                self._collect_requests(st)  # answered while we waited for the lock? then not again
+                if not (st.pending or st.tta.due or interval_due):
+                    return
+            if self.registry.is_paused(line):
+                # Only the lock holder answers, so a request gets exactly one answer.
                 for rid in list(st.pending):
                     self.registry.record(line, "refuse", actor=self.worker_id, reason="line is paused",
                                          request_id=rid)
                 st.pending.clear()
-            st.last_refresh = time.monotonic()
-            return
-        lock = TrainerLock(self.registry.r, self.registry.keys, line, self.worker_id, s.lock_ttl_s)
-        if not lock.acquire():
-            return  # another worker is training this line
-        try:
-            if requested and not (st.tta.due or interval_due):
-                self._collect_requests(st)  # answered while we waited for the lock? then nothing to do
-                if not st.pending:
-                    return
+                st.last_refresh = time.monotonic()
+                return
             self.refresh(line, lock, list(st.pending))
         finally:
             lock.release()
