@@ -189,8 +189,8 @@ class AdapterService:
             # Duty cycle: after a step that took t, rest t * (1 - share) / share, so training takes at
             # most `train_share` of the cores while scoring goes on (both share the same torch threads).
             busy = time.perf_counter() - step_started[0]
-            if share < 1 and self._stop.wait(busy * (1 - share) / share):
-                raise RuntimeError("worker stopping")
+            if share < 1:
+                self._stop.wait(busy * (1 - share) / share)
             if self._stop.is_set():
                 raise RuntimeError("worker stopping")
             if lock is not None and time.monotonic() - last_renew[0] > lock.ttl_ms / 3000:

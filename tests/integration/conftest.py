@@ -326,24 +326,25 @@ def _finish(request: pytest.FixtureRequest, p: Pipeline) -> None:
             assert "Traceback" not in w.log(), f"worker {w.name} logged a traceback:\n{w.log()[-4000:]}"
 
 
-@pytest.fixture
-def pipeline(request: pytest.FixtureRequest, broker: Broker, redis_server: RedisServer, text_cache_dir: Path,
-             tmp_path: Path) -> Iterator[Pipeline]:
-    cfg = make_pipeline_config(broker, redis_server.url, text_cache_dir)
-    p = Pipeline(cfg, tmp_path, redis_server)
+def _pipeline(request: pytest.FixtureRequest, broker: Broker, server: RedisServer, text_cache_dir: Path,
+              tmp_path: Path) -> Iterator[Pipeline]:
+    p = Pipeline(make_pipeline_config(broker, server.url, text_cache_dir), tmp_path, server)
     ensure_topics(p.settings.kafka)
     yield p
     _finish(request, p)
+
+
+@pytest.fixture
+def pipeline(request: pytest.FixtureRequest, broker: Broker, redis_server: RedisServer, text_cache_dir: Path,
+             tmp_path: Path) -> Iterator[Pipeline]:
+    yield from _pipeline(request, broker, redis_server, text_cache_dir, tmp_path)
 
 
 @pytest.fixture
 def pipeline_own_redis(request: pytest.FixtureRequest, broker: Broker, own_redis: RedisServer, text_cache_dir: Path,
                        tmp_path: Path) -> Iterator[Pipeline]:
-    cfg = make_pipeline_config(broker, own_redis.url, text_cache_dir)
-    p = Pipeline(cfg, tmp_path, own_redis)
-    ensure_topics(p.settings.kafka)
-    yield p
-    _finish(request, p)
+    """A pipeline on a Redis of its own, which the test may stop and restart."""
+    yield from _pipeline(request, broker, own_redis, text_cache_dir, tmp_path)
 
 
 # --- frames ---------------------------------------------------------------------------------------
