@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.datasets import load_pair, read_mvtec, read_visa
-from pipeline.evaluation import EvalOptions, eval_settings, run_eval
-from pipeline.inspector import Inspector
+from pipeline.evaluation.datasets import load_pair, read_mvtec, read_visa
+from pipeline.evaluation.loop import EvalOptions, eval_settings, run_eval
+from pipeline.evaluation.synth import write_mvtec_tree, write_visa_tree
+from pipeline.inspection.inspector import Inspector
 from pipeline.settings import load_settings
-from pipeline.synth import write_mvtec_tree, write_visa_tree
 
 
 def _args() -> argparse.Namespace:

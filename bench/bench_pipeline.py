@@ -39,17 +39,17 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# As the worker does (see workers/inspect.py): no OpenMP spin-waiting, so both phases run alike on a
+# As the worker does (see workers/worker.py): no OpenMP spin-waiting, so both phases run alike on a
 # busy host. Set before torch is imported; the worker subprocess inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pipeline import stack  # noqa: E402
-from pipeline.frame_sources import SourceFrame, encode  # noqa: E402
-from pipeline.imaging import decode_image  # noqa: E402
-from pipeline.kafka_io import ensure_topics  # noqa: E402
-from pipeline.redis_io import make_redis  # noqa: E402
+from pipeline.inspection.imaging import decode_image  # noqa: E402
+from pipeline.redis_client import make_redis  # noqa: E402
 from pipeline.redis_keys import RedisKeys  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
+from pipeline.streaming.frame_sources import SourceFrame, encode  # noqa: E402
+from pipeline.streaming.kafka_io import ensure_topics  # noqa: E402
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -115,7 +115,7 @@ def make_config(args: argparse.Namespace, bootstrap: str, redis_url: str, metric
 
 
 def render_frames(lines: list[str], n: int, size: int) -> list[tuple[str, SourceFrame]]:
-    from pipeline import synth
+    from pipeline.evaluation import synth
 
     out = []
     for i in range(n):
@@ -131,7 +131,7 @@ class ModelOnly:
     """`Inspector.inspect` alone on decoded frames: one warm model, timed in batches of the worker's size."""
 
     def __init__(self, settings: Any, frames: list[tuple[str, SourceFrame]], batch: int) -> None:
-        from pipeline.inspector import Inspector
+        from pipeline.inspection.inspector import Inspector
 
         self.insp = Inspector.from_settings(settings)
         self.batch = batch
@@ -184,7 +184,7 @@ def results_for(r: Any, keys: RedisKeys, lines: list[str], ids: set[str]) -> lis
 
 def send_and_wait(settings: Any, frames: list[tuple[str, SourceFrame]], fps: float, label: str,
                   r: Any, keys: RedisKeys, lines: list[str], timeout: float) -> list[dict[str, str]]:
-    from workers.produce import FrameProducer
+    from pipeline.streaming.producer import FrameProducer
 
     producer = FrameProducer(settings)
     ids: set[str] = set()

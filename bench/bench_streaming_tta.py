@@ -21,10 +21,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import synth  # noqa: E402
-from pipeline.adapter_registry import AdapterRegistry  # noqa: E402
-from pipeline.adapter_service import AdapterService  # noqa: E402
-from pipeline.inspector import Inspector  # noqa: E402
+from pipeline.adaptation.registry import AdapterRegistry  # noqa: E402
+from pipeline.adaptation.service import AdapterService  # noqa: E402
+from pipeline.evaluation import synth  # noqa: E402
+from pipeline.inspection.inspector import Inspector  # noqa: E402
 from pipeline.model import create_anoclip  # noqa: E402
 from pipeline.redis_keys import RedisKeys  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402

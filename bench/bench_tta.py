@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.model import TextFeatures, create_anoclip  # noqa: E402
-from pipeline.model.tta import (  # noqa: E402
+from pipeline.model.self_training import (  # noqa: E402
     AdmissionRule,
     BufferedBudget,
     GateRule,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,10 @@ from pipeline.errors import ConfigError, UnknownLineError
 
 DEFAULT_CONFIG = "config.yaml"
 CONFIG_ENV = "ANOCLIP_CONFIG"
+
+AdapterKind = Literal["text", "linear"]
+"""The TTA adapter kinds (`pipeline.model.adapters.create_adapter` builds each)."""
+ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 
 
 class _Section(BaseModel):
@@ -90,7 +94,7 @@ class LineSettings(_Section):
     domain: Literal["object", "texture"] = "object"
     extra_normal_states: list[str] = Field(default_factory=list)
     extra_abnormal_states: list[str] = Field(default_factory=list)
-    adapter_kind: Literal["text", "linear"] = "text"
+    adapter_kind: AdapterKind = "text"
     threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
 
     @field_validator("extra_normal_states", "extra_abnormal_states")

@@ -335,7 +335,7 @@ def _which(name: str) -> str:
 
 def stack_up(settings: object) -> list[Service]:
     """Broker + Redis + topics for `settings` (a pipeline.settings.Settings); idempotent."""
-    from pipeline.kafka_io import ensure_topics
+    from pipeline.streaming.kafka_io import ensure_topics
 
     ks, rs = settings.kafka, settings.redis  # type: ignore[attr-defined]
     host, port = parse_bootstrap(ks.bootstrap_servers)

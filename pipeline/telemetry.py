@@ -1,4 +1,4 @@
-"""Prometheus metrics (prefix `anoclip_`) and the liveness/readiness endpoints of a worker.
+"""Worker telemetry: Prometheus series (prefix `anoclip_`) and the liveness/readiness endpoints of a worker.
 
 One HTTP server serves `/metrics`, `/healthz` (liveness: the poll loop is turning) and `/readyz`
 (readiness: model loaded, partitions assigned, Redis reachable). Orchestrators restart a worker that
@@ -21,8 +21,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
-class Metrics:
-    """The worker's metrics, in their own registry so several workers can live in one test process."""
+class WorkerTelemetry:
+    """The worker's Prometheus series, in their own registry so several workers can live in one test process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -95,8 +95,8 @@ class Health:
 class TelemetryServer:
     """`/metrics`, `/healthz`, `/readyz` on a background thread; port 0 picks a free port."""
 
-    def __init__(self, metrics: Metrics, health: Health, host: str = "127.0.0.1", port: int = 9400) -> None:
-        handler = _make_handler(metrics.render, health)
+    def __init__(self, telemetry: WorkerTelemetry, health: Health, host: str = "127.0.0.1", port: int = 9400) -> None:
+        handler = _make_handler(telemetry.render, health)
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.port = int(self.httpd.server_address[1])

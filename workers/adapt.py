@@ -26,13 +26,13 @@ import torch
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from pipeline.adapter_files import build_meta, save_adapter, target_for
+from pipeline.adaptation.adapter_files import TrainingMeta, build_meta, save_adapter, target_for
+from pipeline.adaptation.buffered import BufferedTTA
 from pipeline.errors import ConfigError, ImageError
-from pipeline.imaging import list_images, load_image
-from pipeline.inspector import Inspector
-from pipeline.model.tta import TrainingReport
+from pipeline.inspection.imaging import list_images, load_image
+from pipeline.inspection.inspector import Inspector
+from pipeline.model.self_training import TrainingReport
 from pipeline.settings import TTASettings, load_settings
-from pipeline.tta import BufferedTTA
 
 log = logging.getLogger("anoclip.adapt")
 
@@ -154,11 +154,7 @@ def run(args: argparse.Namespace) -> int:
             adapter, target,
             training_window=report.extra.get("training_window"),
             validation=report.validation,
-            training={"steps": report.steps, "seconds": round(report.seconds, 3), "stopped_by": report.stopped_by,
-                      "frames_train": report.frames_train, "frames_val": report.frames_val,
-                      "loss_first": report.losses[0] if report.losses else None,
-                      "loss_last": report.losses[-1] if report.losses else None,
-                      "params": report.params, "budget": report.budget},
+            training=TrainingMeta.from_report(report),
         )
         save_adapter(out, adapter, meta)
         report.extra.update(adapter=str(out), adapter_id=meta["id"])

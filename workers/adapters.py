@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from pipeline.adapter_registry import AdapterRegistry, default_actor
-from pipeline.redis_io import make_redis
+from pipeline.adaptation.registry import AdapterRegistry, default_actor
+from pipeline.redis_client import make_redis
 from pipeline.redis_keys import RedisKeys
 from pipeline.settings import load_settings
 

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("workers.evaluate", "evaluate on MVTec AD, VisA or a folder; write tables, curves and overlays"),
     "stack": ("workers.stack", "bring the local broker + Redis stack up, down, or show its status"),
     "produce": ("workers.produce", "send frames (folder, video or synthetic) to the frames topic"),
-    "worker": ("workers.inspect", "run the inspection worker: Kafka frames in, results and alerts to Redis"),
+    "worker": ("workers.worker", "run the inspection worker: Kafka frames in, results and alerts to Redis"),
     "adapters": ("workers.adapters", "list, show, roll back, pause, resume or refresh a line's adapter"),
     "dashboard": ("workers.dashboard", "serve the live inspection dashboard"),
     "demo": ("workers.demo", "the main job on one machine: stack up, worker, producer, alerts shown"),

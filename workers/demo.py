@@ -24,11 +24,11 @@ from typing import Any
 
 from pipeline import stack
 from pipeline.errors import AnoclipError
-from pipeline.frame_sources import SourceError, synthetic_frames, synthetic_kind
-from pipeline.redis_io import make_redis
+from pipeline.redis_client import make_redis
 from pipeline.redis_keys import RedisKeys
 from pipeline.settings import Settings, load_settings, resolve_config_path
-from workers.produce import produce
+from pipeline.streaming.frame_sources import SourceError, synthetic_frames, synthetic_kind
+from pipeline.streaming.producer import produce
 
 log = logging.getLogger("anoclip.demo")
 

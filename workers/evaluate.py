@@ -1,7 +1,7 @@
 """`anoclip eval`: evaluate on MVTec AD, VisA or a folder of your own line's images.
 
-Writes report.md / report.json (per-class and mean image and pixel metrics as §6.3 of the
-algorithm notes defines them), per_image.csv, ROC and PRO curves and an overlay grid to --out.
+Writes report.md / report.json (per-class and mean image and pixel metrics as docs/algorithm.md §6.3
+defines them), per_image.csv, ROC and PRO curves and an overlay grid to --out.
 Missing or mismatched masks and unreadable images are listed in the report, not fatal.
 """
 
@@ -12,8 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.datasets import DATASETS, PROTOCOL_SIDE, read_dataset
-from pipeline.evaluation import (
+from pipeline.evaluation.datasets import DATASETS, PROTOCOL_SIDE, read_dataset
+from pipeline.evaluation.loop import (
     IMAGE_SCORE_CHOICES,
     ORDERS,
     TTA_MODES,
@@ -21,7 +21,7 @@ from pipeline.evaluation import (
     check_tta,
     run_eval,
 )
-from pipeline.metrics import AUPRO_VARIANTS, DEFAULT_MEMORY_BUDGET, as_percent
+from pipeline.evaluation.metrics import AUPRO_VARIANTS, DEFAULT_MEMORY_BUDGET, as_percent
 from pipeline.settings import load_settings
 
 log = logging.getLogger("anoclip.eval")

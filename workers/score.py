@@ -17,12 +17,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.adapter_files import load_adapter, target_for
+from pipeline.adaptation.adapter_files import load_adapter, target_for
 from pipeline.errors import ConfigError, ImageError
-from pipeline.imaging import list_images, load_image
-from pipeline.inspector import Inspector
-from pipeline.model.tta import TTAParams
-from pipeline.render import heatmap_png, mask_png
+from pipeline.inspection.imaging import list_images, load_image
+from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.render import heatmap_png, mask_png
+from pipeline.model.self_training import TTAParams
 from pipeline.settings import load_settings
 
 log = logging.getLogger("anoclip.score")

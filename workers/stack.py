@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _print_topics(settings: object) -> None:
     from kafka.errors import KafkaError
 
-    from pipeline.kafka_io import topic_partitions
+    from pipeline.streaming.kafka_io import topic_partitions
 
     ks = settings.kafka  # type: ignore[attr-defined]
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.synth import DEFECTS, KINDS, write_mvtec_tree, write_visa_tree
+from pipeline.evaluation.synth import DEFECTS, KINDS, write_mvtec_tree, write_visa_tree
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

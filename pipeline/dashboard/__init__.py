@@ -5,7 +5,7 @@ API and a server-sent-events feed fed by the Redis pub/sub channel. It never wri
 """
 
 from pipeline.dashboard.server import DEFAULT_PORT, HEALTH_PATH, READY_PATH, TOKEN_ENV, DashboardServer
-from pipeline.dashboard.store import DashboardStore, redis_client
+from pipeline.dashboard.store import DashboardStore
 
 __all__ = [
     "DEFAULT_PORT",
@@ -14,5 +14,4 @@ __all__ = [
     "TOKEN_ENV",
     "DashboardServer",
     "DashboardStore",
-    "redis_client",
 ]

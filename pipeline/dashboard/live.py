@@ -50,7 +50,7 @@ class LiveFeed:
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.queue_size = queue_size
-        self._client_factory = client_factory or (lambda: store.r)
+        self._client_factory = client_factory or (lambda: store.client)
         self._subs: set[queue.Queue[Any]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -21,9 +21,10 @@ import redis
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.redis_io import make_redis
+from pipeline.redis_client import make_redis
 from pipeline.redis_keys import RedisKeys
-from pipeline.settings import RedisSettings, Settings
+from pipeline.settings import Settings
+from pipeline.streaming.records import FrameResult, is_anomalous_verdict
 
 BLOB_KINDS = ("image", "mask", "heatmap")
 """Per-frame and latest blobs the publisher writes (the result JSON is read separately)."""
@@ -34,14 +35,6 @@ LINE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 MAX_THUMB = 2048
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
-_TRUE = {"1", "true", "yes", "anomalous", "anomaly", "ng"}
-
-
-def redis_client(rs: RedisSettings) -> redis.Redis:
-    """The project's one way to reach Redis (url, ACL user/password, TLS CA), shared with the worker."""
-    return make_redis(rs)
-
-
 def _text(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v)
 
@@ -72,15 +65,6 @@ def decode_fields(fields: dict[Any, Any]) -> dict[str, Any]:
     return out
 
 
-def is_anomalous(entry: dict[str, Any]) -> bool:
-    """The verdict of a result entry, whatever spelling the publisher used."""
-    for key in ("anomalous", "verdict", "is_anomalous"):
-        if key in entry:
-            v = entry[key]
-            return bool(v) if isinstance(v, bool | int | float) else str(v).strip().lower() in _TRUE
-    return False
-
-
 def stream_entry(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
     """One stream entry with `id`, `ts_ms` (from the entry id) and `anomalous` added."""
     sid = _text(entry_id)
@@ -91,7 +75,7 @@ def stream_entry(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
         out["frame_id"] = str(out["frame_id"])
     if "line" not in out and "line_id" in out:
         out["line"] = out["line_id"]
-    out["anomalous"] = is_anomalous(out)
+    out["anomalous"] = is_anomalous_verdict(out.get("verdict", False))
     return out
 
 
@@ -176,7 +160,7 @@ class DashboardStore:
                  alerts: int = 30, worker_scan_s: float = 30.0) -> None:
         self.settings = settings
         self.keys = RedisKeys(settings.redis.prefix)
-        self.r = client if client is not None else redis_client(settings.redis)
+        self.client = client if client is not None else make_redis(settings.redis)
         self.history_len = history
         self.alerts_len = alerts
         self.worker_scan_s = worker_scan_s
@@ -198,16 +182,15 @@ class DashboardStore:
         return ids + extra
 
     def latest(self, line: str) -> dict[str, Any] | None:
-        raw = self.r.get(self.keys.latest(line, "result"))
-        return _json(raw)
+        return _result(self.client.get(self.keys.latest(line, "result")))
 
     def threshold(self, line: str) -> dict[str, Any]:
-        return decode_fields(self.r.hgetall(self.keys.threshold(line)))
+        return decode_fields(self.client.hgetall(self.keys.threshold(line)))
 
     def history(self, line: str, count: int | None = None) -> list[dict[str, Any]]:
         """The line's most recent results, oldest first (for the score chart)."""
         n = count or self.history_len
-        entries = self.r.xrevrange(self.keys.results_stream(line), count=n)
+        entries = self.client.xrevrange(self.keys.results_stream(line), count=n)
         points = []
         for i, f in reversed(entries):
             e = stream_entry(i, f)
@@ -226,7 +209,7 @@ class DashboardStore:
         """
         stream = self.keys.results_stream(line)
         try:
-            info = self.r.xinfo_stream(stream)
+            info = self.client.xinfo_stream(stream)
         except redis.ResponseError:  # no such stream yet
             return {"window_s": window_s, "frames": 0, "fps": 0.0, "stream_length": 0}
         length = int(info.get("length", 0))
@@ -243,9 +226,9 @@ class DashboardStore:
             frames = int(added) - oldest[1]
             fps = frames / (now - oldest[0])
         else:
-            now_ms = int(self.r.time()[0] * 1000)
+            now_ms = int(self.client.time()[0] * 1000)
             start = f"{now_ms - int(window_s * 1000)}-0"
-            ids = [int(_text(i).split("-")[0]) for i, _ in self.r.xrevrange(stream, min=start, count=50)]
+            ids = [int(_text(i).split("-")[0]) for i, _ in self.client.xrevrange(stream, min=start, count=50)]
             frames = len(ids)
             span_s = (now_ms - ids[-1]) / 1000.0 if len(ids) == 50 else window_s
             fps = frames / max(span_s, 1e-3)
@@ -253,13 +236,13 @@ class DashboardStore:
 
     def adapter(self, line: str) -> dict[str, Any]:
         """Version in use (the `current` pointer), its metadata, the pause flag and the last refresh."""
-        current = self.r.get(self.keys.adapter_current(line))
+        current = self.client.get(self.keys.adapter_current(line))
         out: dict[str, Any] = {"current": _text(current) if current is not None else None,
-                               "paused": self.r.exists(self.keys.adapter_paused(line)) > 0,
+                               "paused": self.client.exists(self.keys.adapter_paused(line)) > 0,
                                "meta": None, "last_event": None, "last_refresh": None}
         if out["current"]:
-            out["meta"] = _json(self.r.hget(self.keys.adapter_version(line, out["current"]), "meta"))
-        events = [stream_entry(i, f) for i, f in self.r.xrevrange(self.keys.adapter_audit(line), count=20)]
+            out["meta"] = _json(self.client.hget(self.keys.adapter_version(line, out["current"]), "meta"))
+        events = [stream_entry(i, f) for i, f in self.client.xrevrange(self.keys.adapter_audit(line), count=20)]
         if events:
             out["last_event"] = events[0]
             out["last_refresh"] = next((e for e in events if _is_refresh(e)), None)
@@ -284,9 +267,9 @@ class DashboardStore:
         """Newest first; with `after` (a stream id), only entries newer than it (catch-up after a live event)."""
         n = count or self.alerts_len
         if after:
-            entries = self.r.xrange(self.keys.alerts_stream, min=f"({after}", count=n)
+            entries = self.client.xrange(self.keys.alerts_stream, min=f"({after}", count=n)
             return [stream_entry(i, f) for i, f in reversed(entries)]
-        return [stream_entry(i, f) for i, f in self.r.xrevrange(self.keys.alerts_stream, count=n)]
+        return [stream_entry(i, f) for i, f in self.client.xrevrange(self.keys.alerts_stream, count=n)]
 
     def workers(self) -> list[dict[str, Any]]:
         """Every live heartbeat hash (they expire), with its age and a health word.
@@ -294,11 +277,11 @@ class DashboardStore:
         Workers are found from the results they publish (cheap, immediate) and from a keyspace scan
         at most every `worker_scan_s` (finds idle workers; a scan walks every key, so it is rare).
         """
-        now = float(self.r.time()[0])
+        now = float(self.client.time()[0])
         if time.monotonic() - self._worker_scan_at >= self.worker_scan_s:
             self._worker_scan_at = time.monotonic()
             head = self.keys.worker("")
-            found = {_text(k)[len(head):] for k in self.r.scan_iter(match=self.keys.workers_pattern, count=5000,
+            found = {_text(k)[len(head):] for k in self.client.scan_iter(match=self.keys.workers_pattern, count=5000,
                                                                    _type="hash")}
             with self._lock:
                 self._worker_ids |= found
@@ -307,7 +290,7 @@ class DashboardStore:
         with self._lock:
             known = sorted(self._worker_ids)
         for wid in known:
-            h = decode_fields(self.r.hgetall(self.keys.worker(wid)))
+            h = decode_fields(self.client.hgetall(self.keys.worker(wid)))
             if not h:
                 gone.add(wid)  # heartbeat expired: the worker stopped or died
                 continue
@@ -348,17 +331,17 @@ class DashboardStore:
     # --- frames ------------------------------------------------------------------------------
     def frame(self, frame_id: str, with_alert: bool = True) -> dict[str, Any] | None:
         """A frame's result JSON, which blobs still exist and how long they live."""
-        result = _json(self.r.get(self.keys.frame(frame_id, "result")))
-        blobs = {k: self.r.exists(self.keys.frame(frame_id, k)) > 0 for k in BLOB_KINDS}
+        result = _result(self.client.get(self.keys.frame(frame_id, "result")))
+        blobs = {k: self.client.exists(self.keys.frame(frame_id, k)) > 0 for k in BLOB_KINDS}
         if result is None and not any(blobs.values()):
             return None
         return {"frame_id": frame_id, "result": result, "blobs": blobs,
-                "ttl_s": self.r.ttl(self.keys.frame(frame_id, "result")),
+                "ttl_s": self.client.ttl(self.keys.frame(frame_id, "result")),
                 "alert": self.find_alert(frame_id) if with_alert else None}
 
     def find_alert(self, frame_id: str, scan: int = 2000) -> dict[str, Any] | None:
         """The frame's alert entry among the most recent `scan` alerts, if there is one."""
-        for i, f in self.r.xrevrange(self.keys.alerts_stream, count=scan):
+        for i, f in self.client.xrevrange(self.keys.alerts_stream, count=scan):
             e = stream_entry(i, f)
             if e.get("frame_id") == frame_id:
                 return e
@@ -376,7 +359,7 @@ class DashboardStore:
             hit = self._cache.get(cache_key)
             if hit is not None:
                 return hit
-        data = self.r.get(key)
+        data = self.client.get(key)
         if data is None:
             if kind == "image":  # publishers that skip the raw frame: the overlay is the next best thing
                 return self.image(scope, ident, "heatmap", width)
@@ -393,7 +376,7 @@ class DashboardStore:
 
     def ping(self) -> bool:
         try:
-            return bool(self.r.ping())
+            return bool(self.client.ping())
         except redis.RedisError:
             return False
 
@@ -405,6 +388,12 @@ def _json(raw: Any) -> Any:
         return json.loads(_text(raw))
     except ValueError:
         return None
+
+
+def _result(raw: Any) -> dict[str, Any] | None:
+    """A stored result read back through its record (`FrameResult`): the page sees one schema."""
+    d = _json(raw)
+    return FrameResult.from_json_dict(d).to_json_dict() if isinstance(d, dict) else None
 
 
 def _history_point(e: dict[str, Any]) -> dict[str, Any]:

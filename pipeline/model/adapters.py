@@ -1,4 +1,4 @@
-"""The two TTA token adapters of the official code (algorithm spec section 5.2). Pure torch.
+"""The two TTA token adapters of the official code (docs/algorithm.md §5.2). Pure torch.
 
 Both act on raw projected V-V tokens x (before L2 normalisation) and keep a residual to them:
 
@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.text import TextFeatures
-
-AdapterKind = Literal["text", "linear"]
-ADAPTER_KINDS: tuple[str, ...] = ("text", "linear")
+from pipeline.settings import ADAPTER_KINDS
 
 
 def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator | None) -> torch.Tensor:

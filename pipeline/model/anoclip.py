@@ -1,6 +1,6 @@
-"""The AnoCLIP scorer (algorithm spec section 4): anomaly maps and image scores from a dual-path CLIP.
+"""The AnoCLIP scorer (docs/algorithm.md §4): anomaly maps and image scores from a dual-path CLIP.
 
-Pure torch. Input images are already resized and normalised (see `pipeline.imaging`): one side equals
+Pure torch. Input images are already resized and normalised (see `pipeline.inspection.imaging`): one side equals
 the model's image size and the other is at least as long. Frames that are not square are cut into
 overlapping square tiles along the long side whose maps are merged by averaging the overlaps; with
 two tiles this is exactly the official VisA scheme.
@@ -209,7 +209,8 @@ class AnoCLIP(nn.Module):
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         b, _, h, w = images.shape
         if min(h, w) != self.image_size:
-            raise ValueError(f"the short side must be {self.image_size} px (see pipeline.imaging), got {h}x{w}")
+            raise ValueError(f"the short side must be {self.image_size} px (see pipeline.inspection.imaging), "
+                             f"got {h}x{w}")
         layout = TileLayout(h, w, self.image_size)
         n_tiles = len(layout.starts)
         tiles = self._tiles(images.to(self.device), layout)

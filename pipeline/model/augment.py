@@ -1,4 +1,4 @@
-"""The 22 views of the official MVTec image score (algorithm spec section 4.3); off by default."""
+"""The 22 views of the official MVTec image score (docs/algorithm.md §4.3); off by default."""
 
 from __future__ import annotations
 

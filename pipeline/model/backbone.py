@@ -1,4 +1,4 @@
-"""CLIP vision tower with AnoCLIP's value-wise (V-V) dual path (algorithm spec section 2).
+"""CLIP vision tower with AnoCLIP's value-wise (V-V) dual path (docs/algorithm.md §2).
 
 Our own loop over open_clip's weights, because stock open_clip has no V-V path and its
 `nn.MultiheadAttention` is pathologically slow under CPU bf16 autocast at batch > 1. The original

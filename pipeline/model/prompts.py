@@ -1,4 +1,4 @@
-"""Domain-aware contrastive state prompts (algorithm spec section 3).
+"""Domain-aware contrastive state prompts (docs/algorithm.md §3).
 
 Seven normal and seven abnormal state phrases, paired by meaning, placed in 22 templates per domain
 phrase; three domain phrases per domain. Sentences are built template-major, as the official code

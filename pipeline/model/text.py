@@ -1,4 +1,4 @@
-"""Text features of a prompt set (algorithm spec section 3.4)."""
+"""Text features of a prompt set (docs/algorithm.md §3.4)."""
 
 from __future__ import annotations
 

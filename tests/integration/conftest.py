@@ -28,10 +28,10 @@ import yaml
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline import stack
-from pipeline.frame_sources import SourceFrame, encode
-from pipeline.kafka_io import consumer_config, ensure_topics
 from pipeline.redis_keys import RedisKeys
 from pipeline.settings import Settings, load_settings
+from pipeline.streaming.frame_sources import SourceFrame, encode
+from pipeline.streaming.kafka_io import consumer_config, ensure_topics
 from tests.conftest import TINY_LINES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -351,7 +351,7 @@ def pipeline_own_redis(request: pytest.FixtureRequest, broker: Broker, own_redis
 
 
 def synthetic_frame(line: str, i: int, defect: str | None = None, size: int = 64) -> SourceFrame:
-    from pipeline import synth
+    from pipeline.evaluation import synth
 
     kind = line if line in synth.KINDS else synth.KINDS[0]
     rgb, _ = synth.render_part(kind, size, i, defect)

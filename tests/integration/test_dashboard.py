@@ -37,12 +37,14 @@ import redis
 import yaml
 from PIL import Image
 
-from pipeline import stack, synth
-from pipeline.adapter_registry import AdapterRegistry
+from pipeline import stack
+from pipeline.adaptation.registry import AdapterRegistry
 from pipeline.dashboard.server import TOKEN_ENV
-from pipeline.frame_sources import SourceFrame, encode
-from pipeline.kafka_io import ensure_topics
+from pipeline.evaluation import synth
 from pipeline.redis_keys import RedisKeys
+from pipeline.streaming.frame_sources import SourceFrame, encode
+from pipeline.streaming.kafka_io import ensure_topics
+from pipeline.streaming.producer import FrameProducer
 from tests.integration.conftest import (
     Broker,
     Pipeline,
@@ -51,7 +53,6 @@ from tests.integration.conftest import (
     make_pipeline_config,
     wait_for,
 )
-from workers.produce import FrameProducer
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -429,9 +430,10 @@ def test_store_reads_bounded_views_of_real_redis(redis_server: RedisServer, tmp_
     """What the page is fed, read from output of the real publisher: ids stay text, catch-up after an
     alert id, lines announced by heartbeats, and a frame rate that needs no stream read after the first."""
     from pipeline.dashboard.store import DashboardStore
-    from pipeline.redis_io import FrameOutput, ResultPublisher
-    from pipeline.render import mask_png
+    from pipeline.inspection.render import mask_png
     from pipeline.settings import load_settings
+    from pipeline.streaming.records import FrameResult
+    from pipeline.streaming.redis_io import FrameOutput, ResultPublisher
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lines: [{id: bottle, class_name: bottle}]\n")
@@ -441,9 +443,10 @@ def test_store_reads_bounded_views_of_real_redis(redis_server: RedisServer, tmp_
     mask = mask_png(np.zeros((8, 8), bool))
 
     def publish(i: int, alert: bool) -> None:
-        result = {"score": 0.9 if alert else 0.1, "verdict": "anomalous" if alert else "normal", "threshold": 0.5,
-                  "regions": [{"area": 4, "box": [0, 0, 2, 2]}] if alert else []}
-        pub.publish([FrameOutput(f"{i:04d}", "bottle", time.time_ns(), result, alert, mask, mask, b"")])
+        result = FrameResult(f"{i:04d}", "bottle", time.time_ns(), score=0.9 if alert else 0.1, anomalous=alert,
+                             threshold=0.5, pixel_threshold=0.5,
+                             regions=[{"area": 4, "box": [0, 0, 2, 2]}] if alert else [])
+        pub.publish([FrameOutput(result, mask, mask, b"")])
 
     for i in range(5):
         publish(i, alert=i in (1, 3))

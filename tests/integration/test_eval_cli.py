@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +14,11 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline import evaluation
-from pipeline.datasets import load_pair, read_folder, read_visa
-from pipeline.evaluation import EvalError, EvalOptions, check_tta, eval_settings, run_eval, stream_order
+from pipeline.evaluation import loop as evaluation_loop
+from pipeline.evaluation.datasets import load_pair, read_folder, read_visa
+from pipeline.evaluation.loop import EvalError, EvalOptions, check_tta, eval_settings, run_eval, stream_order
+from pipeline.evaluation.synth import write_mvtec_tree, write_visa_tree
 from pipeline.settings import Settings
-from pipeline.synth import write_mvtec_tree, write_visa_tree
 from workers.cli import main
 
 
@@ -162,25 +160,22 @@ def test_eval_loop_with_oracle_on_visa_keep_aspect_and_shuffled_stream(tmp_path:
     assert bad.mean["image_auroc"] == 0.0 and bad.mean["pixel_auroc"] < 0.01
 
 
-def test_unavailable_tta_mode_fails_fast_with_a_clear_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    monkeypatch.setattr(evaluation, "TTA_MODULES", ("no_such_tta_module_for_tests",))
-    with pytest.raises(EvalError, match="not available yet"):
-        check_tta("per_frame")
-    with pytest.raises(EvalError, match="unknown TTA mode"):
+def test_unknown_tta_mode_fails_fast_with_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for mode in ("off", "per_frame", "buffered"):
+        check_tta(mode)
+    with pytest.raises(EvalError, match="unknown TTA mode 'sometimes'"):
         check_tta("sometimes")
-    rc = main(
-        ["eval", "--dataset", "mvtec", "--root", str(tmp_path), "--out", str(tmp_path / "o"), "--tta", "buffered"]
-    )
-    assert rc == 2 and "--tta buffered is not available yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--dataset", "mvtec", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
+              "--tta", "sometimes"])
+    assert exc.value.code == 2 and "invalid choice: 'sometimes'" in capsys.readouterr().err
 
 
 def test_tta_modes_plug_in_through_the_scorer_hook(
     tmp_path: Path, mvtec_tree: Path, tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A TTA module exposing eval_scorer(mode, inspector, settings) serves per_frame and buffered."""
-    from pipeline.datasets import read_mvtec
+    from pipeline.evaluation.datasets import read_mvtec
 
     index = read_mvtec(mvtec_tree, ["wood"])
     made: list[tuple[str, object]] = []
@@ -190,10 +185,7 @@ def test_tta_modes_plug_in_through_the_scorer_hook(
         made.append((mode, inspector))
         return OracleScorer({"wood": index.of_class("wood")}, keep_aspect=False)
 
-    fake = types.ModuleType("fake_tta_for_tests")
-    fake.eval_scorer = eval_scorer  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fake_tta_for_tests", fake)
-    monkeypatch.setattr(evaluation, "TTA_MODULES", ("fake_tta_for_tests",))
+    monkeypatch.setattr(evaluation_loop, "eval_scorer", eval_scorer)
     sentinel = object()
     for mode in ("per_frame", "buffered"):
         opts = EvalOptions(out=tmp_path / mode, tta=mode, progress=False, figures=False)
@@ -231,8 +223,9 @@ def test_eval_cli_folder_without_masks(tmp_path: Path, mvtec_tree: Path, text_ca
 def test_eval_runs_the_tta_modes_with_the_tiny_model(
     mode: str, tmp_path: Path, mvtec_tree: Path, tiny_settings: Settings
 ) -> None:
-    """The real TTA scorers (pipeline.tta) through the harness: image scores untouched (spec 5.1)."""
-    from pipeline.datasets import read_mvtec
+    """The real TTA scorers (pipeline.adaptation.buffered) through the harness: image scores untouched
+    (docs/algorithm.md §5.1)."""
+    from pipeline.evaluation.datasets import read_mvtec
 
     index = read_mvtec(mvtec_tree, ["wood"])
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import envelope as env
-from pipeline.frame_sources import encode
+from pipeline.streaming import envelope as env
+from pipeline.streaming.frame_sources import encode
+from pipeline.streaming.producer import FrameProducer
 from tests.integration.conftest import Pipeline, synthetic_frame, wait_for
-from workers.produce import FrameProducer
 
 pytestmark = pytest.mark.integration
 

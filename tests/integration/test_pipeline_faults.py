@@ -13,10 +13,10 @@ from collections import Counter
 
 import pytest
 
-from pipeline.envelope import build_headers
-from pipeline.kafka_io import make_consumer, make_producer
+from pipeline.streaming.envelope import build_headers
+from pipeline.streaming.kafka_io import make_consumer, make_producer
+from pipeline.streaming.producer import FrameProducer
 from tests.integration.conftest import Pipeline, synthetic_frame, wait_for
-from workers.produce import FrameProducer
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,10 @@ import uuid
 
 import pytest
 
-from pipeline.redis_io import RETRYABLE, FrameOutput, ResultPublisher, manual_override
+from pipeline.redis_client import RETRYABLE
 from pipeline.settings import RedisSettings
+from pipeline.streaming.records import FrameResult
+from pipeline.streaming.redis_io import FrameOutput, ResultPublisher, manual_override
 from tests.integration.conftest import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -23,10 +25,10 @@ def publisher(redis_server: RedisServer) -> ResultPublisher:
 
 
 def _out(fid: str, ts: int, alert: bool, line: str = "bottle") -> FrameOutput:
-    result = {"score": 0.9 if alert else 0.1, "verdict": "anomalous" if alert else "normal", "threshold": 0.5,
-              "regions": [{"area": 4, "box": [1, 2, 3, 4]}] if alert else [], "defect_area": 4 if alert else 0}
-    return FrameOutput(fid, line, ts, result, alert, b"mask-" + fid.encode(), b"heat-" + fid.encode(),
-                       b"image-" + fid.encode())
+    result = FrameResult(fid, line, ts, score=0.9 if alert else 0.1, anomalous=alert, threshold=0.5,
+                         pixel_threshold=0.5, regions=[{"area": 4, "box": [1, 2, 3, 4]}] if alert else [],
+                         defect_area=4 if alert else 0)
+    return FrameOutput(result, b"mask-" + fid.encode(), b"heat-" + fid.encode(), b"image-" + fid.encode())
 
 
 def test_publish_once_then_replays_change_nothing(publisher: ResultPublisher) -> None:

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from kafka import KafkaConsumer, TopicPartition
 
-from pipeline import envelope as env
 from pipeline import stack
-from pipeline.frame_sources import encode
-from pipeline.kafka_io import consumer_config
 from pipeline.settings import load_settings
+from pipeline.streaming import envelope as env
+from pipeline.streaming.frame_sources import encode
+from pipeline.streaming.kafka_io import consumer_config
 from tests.integration.conftest import REPO, TANSU_CACHE, Broker, RedisServer, make_pipeline_config
 
 pytestmark = pytest.mark.integration

@@ -9,16 +9,16 @@ from typing import Any
 import numpy as np
 import redis as redis_lib
 
-from pipeline.adapter_registry import AdapterRegistry
-from pipeline.adapter_service import AdapterService
-from pipeline.envelope import build_headers
-from pipeline.inspector import Inspector
+from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.service import AdapterService
+from pipeline.inspection.inspector import Inspector
 from pipeline.model import create_anoclip
 from pipeline.redis_keys import RedisKeys
+from pipeline.streaming.envelope import build_headers
+from pipeline.streaming.producer import FrameProducer
 from tests.conftest import make_tiny_settings
 from tests.integration.conftest import Pipeline, RedisServer, synthetic_frame, wait_for
 from workers.cli import main
-from workers.produce import FrameProducer
 
 LINE = "wood"  # threshold 1.01 in the pipeline config: never an alert, so every frame may be admitted
 
@@ -155,7 +155,7 @@ def _planted(img: np.ndarray, channel: int) -> np.ndarray:
 
 def test_persistent_defect_keeps_alerting(redis_server: RedisServer, tmp_path: Path) -> None:
     """A pattern the base model flags keeps being flagged, and never enters the buffer, over many refreshes."""
-    from pipeline import synth
+    from pipeline.evaluation import synth
 
     rng = np.random.default_rng(0)
     normals = [synth.render_part("bottle", 64, i, None)[0] for i in range(60)]

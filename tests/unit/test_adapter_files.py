@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from pipeline.adapter_files import (
+from pipeline.adaptation.adapter_files import (
     AdapterTarget,
     build_meta,
     from_bytes,
@@ -24,9 +24,9 @@ from pipeline.adapter_files import (
     to_bytes,
 )
 from pipeline.errors import AdapterMismatchError
-from pipeline.inspector import Inspector
+from pipeline.inspection.inspector import Inspector
 from pipeline.model.adapters import ResidualAdapter
-from pipeline.model.tta import BufferedBudget, TokenSet, TTAParams, train_buffered
+from pipeline.model.self_training import BufferedBudget, TokenSet, TTAParams, train_buffered
 from tests.conftest import make_tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,7 +17,7 @@ def _model(arch: str = "anoclip-tiny", **kw: object):
 def naive_vv_reference(
     visual: torch.nn.Module, images: torch.Tensor, start: int, keep: list[int]
 ) -> dict[int, torch.Tensor]:
-    """Spec section 2.2 written as plainly as possible: per image, per head, explicit softmax.
+    """docs/algorithm.md §2.2 written as plainly as possible: per image, per head, explicit softmax.
 
     The original path is open_clip's own block forward; the V-V path accumulates from O_{start-1}.
     Returns {block number: projected patch tokens (N, P, C)} for the blocks in `keep`.

@@ -17,7 +17,7 @@ from pipeline.dashboard.live import CLOSE, LiveFeed
 from pipeline.dashboard.server import COOKIE, DashboardServer, is_loopback
 from pipeline.dashboard.store import DashboardStore, decode_value, outline_png, stream_entry, thumbnail
 from pipeline.errors import ConfigError
-from pipeline.render import mask_png
+from pipeline.inspection.render import mask_png
 from pipeline.settings import Settings, load_settings
 
 TOKEN = "unit-test-token-123"

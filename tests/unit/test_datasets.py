@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import (
+from pipeline.errors import ImageError
+from pipeline.evaluation.datasets import (
     DatasetError,
     load_pair,
     protocol_size,
@@ -20,8 +21,7 @@ from pipeline.datasets import (
     resize_image,
     resize_mask,
 )
-from pipeline.errors import ImageError
-from pipeline.synth import write_mvtec_tree, write_visa_tree
+from pipeline.evaluation.synth import write_mvtec_tree, write_visa_tree
 
 
 @pytest.fixture(scope="module")

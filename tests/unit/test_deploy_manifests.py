@@ -26,10 +26,10 @@ import yaml
 
 from pipeline.dashboard.server import DEFAULT_PORT, HEALTH_PATH, READY_PATH, TOKEN_ENV, DashboardServer
 from pipeline.dashboard.store import DashboardStore
-from pipeline.kafka_io import client_config
-from pipeline.redis_io import make_redis
+from pipeline.redis_client import make_redis
 from pipeline.settings import CONFIG_ENV, Settings, load_settings
-from pipeline.telemetry import Health, Metrics, TelemetryServer
+from pipeline.streaming.kafka_io import client_config
+from pipeline.telemetry import Health, TelemetryServer, WorkerTelemetry
 from workers.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -498,7 +498,7 @@ def _status(url: str) -> int:
 @pytest.fixture
 def worker_telemetry() -> Iterator[tuple[TelemetryServer, Health]]:
     health = Health()
-    metrics = Metrics()
+    metrics = WorkerTelemetry()
     metrics.frames_scored.labels("bottle").inc()
     server = TelemetryServer(metrics, health, "127.0.0.1", 0).start()
     yield server, health
@@ -599,7 +599,7 @@ def test_dashboard_probes_hit_the_real_endpoints(tmp_path: Path) -> None:
 def test_operations_doc_explains_every_metric() -> None:
     doc = (REPO / "docs" / "operations.md").read_text()
     names = []
-    for metric in Metrics().registry.collect():
+    for metric in WorkerTelemetry().registry.collect():
         names.append(metric.name + ("_total" if metric.type == "counter" else ""))
     assert len(names) >= 15
     missing = [n for n in names if f"`{n}`" not in doc]

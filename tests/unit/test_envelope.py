@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from pipeline import envelope as env
-from pipeline.envelope import EnvelopeError
+from pipeline.streaming import envelope as env
+from pipeline.streaming.envelope import EnvelopeError
 
 
 def _headers(**over: str | None) -> list[tuple[str, bytes]]:

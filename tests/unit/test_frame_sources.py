@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.envelope import H_SYNTHETIC_DEFECT
-from pipeline.frame_sources import SourceError, encode, folder_frames, open_source, synthetic_kind
+from pipeline.streaming.envelope import H_SYNTHETIC_DEFECT
+from pipeline.streaming.frame_sources import SourceError, encode, folder_frames, open_source, synthetic_kind
 
 
 def test_folder_sends_file_bytes_unchanged(tmp_path: Path) -> None:

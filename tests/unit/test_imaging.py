@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import ImageError
-from pipeline.imaging import decode_image, model_input_size, preprocess
+from pipeline.inspection.imaging import decode_image, model_input_size, preprocess
 
 
 def _encode(arr: np.ndarray, fmt: str) -> bytes:

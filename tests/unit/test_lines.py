@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.inspector import Inspector
+from pipeline.inspection.inspector import Inspector
 from pipeline.model import MODEL_CONFIGS, create_anoclip
 from pipeline.settings import load_settings
 from tests.conftest import make_tiny_settings

@@ -11,7 +11,7 @@ import pytest
 from skimage.measure import label, regionprops
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     AUPRO_STEPS,
     PixelAccumulator,
     as_percent,

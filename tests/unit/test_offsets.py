@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.offsets import PartitionOffsets
+from pipeline.streaming.offsets import PartitionOffsets
 
 
 def test_nothing_polled_nothing_to_commit() -> None:

@@ -1,4 +1,4 @@
-"""Prompt construction: exact counts and exact sentences (algorithm spec section 3)."""
+"""Prompt construction: exact counts and exact sentences (docs/algorithm.md §3)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import read_mvtec, read_visa
-from pipeline.synth import DEFECTS, KINDS, TEXTURE_KINDS, render_part, write_mvtec_tree
+from pipeline.evaluation.datasets import read_mvtec, read_visa
+from pipeline.evaluation.synth import DEFECTS, KINDS, TEXTURE_KINDS, render_part, write_mvtec_tree
 from workers.cli import main
 
 

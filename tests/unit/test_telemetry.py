@@ -1,4 +1,4 @@
-"""Metrics and the health endpoints, over real HTTP."""
+"""Worker telemetry (Prometheus) and the health endpoints, over real HTTP."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import urllib.error
 import urllib.request
 
-from pipeline.telemetry import Health, Metrics, TelemetryServer
+from pipeline.telemetry import Health, TelemetryServer, WorkerTelemetry
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -18,7 +18,7 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
 
 
 def test_metrics_names_and_health_states() -> None:
-    m, h = Metrics(), Health(stall_after_s=60)
+    m, h = WorkerTelemetry(), Health(stall_after_s=60)
     m.frames_scored.labels("bottle").inc(3)
     m.e2e_seconds.labels("bottle").observe(0.2)
     m.consumer_lag.labels("frames", "0").set(7)
@@ -53,6 +53,6 @@ def test_metrics_names_and_health_states() -> None:
 
 
 def test_two_workers_in_one_process_do_not_clash() -> None:
-    a, b = Metrics(), Metrics()
+    a, b = WorkerTelemetry(), WorkerTelemetry()
     a.alerts.labels("x").inc()
     assert b'anoclip_alerts_total{line="x"}' not in b.render()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.inspection.text_cache import TextFeatureCache
 from pipeline.model import build_prompt_set, create_anoclip
 from pipeline.settings import ModelSettings
-from pipeline.text_cache import TextFeatureCache
 
 
 @pytest.fixture

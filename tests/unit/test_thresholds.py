@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.inspection.thresholds import LineThresholds
 from pipeline.settings import ThresholdSettings
-from pipeline.thresholds import LineThresholds
 
 
 def test_default_until_calibrated_then_quantile() -> None:

@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.inspector import Inspector
-from pipeline.model.text import TextFeatures
-from pipeline.model.tta import (
+from pipeline.adaptation.buffered import BufferedTTA, eval_scorer, replay_buffered
+from pipeline.adaptation.token_buffer import TokenBuffer
+from pipeline.inspection.inspector import Inspector
+from pipeline.model.self_training import (
     AdmissionRule,
     BufferedBudget,
     GateRule,
@@ -30,8 +31,7 @@ from pipeline.model.tta import (
     tta_loss,
     validate_adapter,
 )
-from pipeline.token_buffer import TokenBuffer
-from pipeline.tta import BufferedTTA, eval_scorer, replay_buffered
+from pipeline.model.text import TextFeatures
 from tests.conftest import make_tiny_settings
 
 C, P = 64, 64

@@ -13,7 +13,8 @@ from typing import Any
 from kafka import TopicPartition
 
 from pipeline.settings import Settings
-from workers.inspect import Done, Frame, InspectionWorker
+from pipeline.streaming.worker import InspectionWorker
+from pipeline.streaming.worker.frames import Done, Frame
 
 TOPIC = "frames"
 TP0, TP1, TP2 = (TopicPartition(TOPIC, p) for p in range(3))
@@ -30,12 +31,12 @@ class FakeConsumer:
     def rebalance(self, worker: InspectionWorker, new: list[TopicPartition], *, lost: bool = False) -> None:
         """Eager rebalance: revoke everything, then assign `new` (kept partitions keep their state)."""
         if lost:
-            worker.on_revoked(list(self.positions), lost=True)
+            worker.rebalancer.on_partitions_lost(list(self.positions))
             self.positions = {}
         else:
-            worker.on_revoked(list(self.positions))
+            worker.rebalancer.on_partitions_revoked(list(self.positions))
         self.positions = {tp: self.positions.get(tp) for tp in new}  # None: fetch the committed offset
-        worker.on_assigned(list(new))
+        worker.rebalancer.on_partitions_assigned(list(new))
 
     def commit_async(self, offsets: dict[TopicPartition, Any]) -> None:
         self.async_commits.append({tp: o.offset for tp, o in offsets.items()})
@@ -53,13 +54,13 @@ class FakeConsumer:
 def _worker(settings: Settings) -> tuple[InspectionWorker, FakeConsumer]:
     w = InspectionWorker(settings, worker_id="t")
     c = FakeConsumer()
-    w._consumer = c
+    w.consumer = c
     return w, c
 
 
 def _poll(w: InspectionWorker, c: FakeConsumer, tp: TopicPartition, n: int) -> list[Frame]:
     """What `_accept` does for `n` records from the partition's position, minus the envelope."""
-    po = w._offsets[tp]
+    po = w.offsets.partitions[tp]
     start = c.positions[tp] or 0
     frames = []
     for off in range(start, start + n):
@@ -74,30 +75,31 @@ def test_partition_handed_back_with_frames_in_flight_is_rewound(tiny_settings: S
     c.rebalance(w, [TP0, TP1, TP2])
     frames = _poll(w, c, TP1, 6)  # offsets 0-5
     for f in frames[:3]:  # 0-2 in Redis; 3 in the publisher, 4-5 buffered, not yet scored
-        w._done_q.put(Done(f))
-    w._process_completions()
-    w._buffers["bottle"] = frames[4:]
-    w._buffer_since["bottle"] = 0.0
-    old_epoch = w._offsets[TP1].epoch
+        w.completions.put(Done(f))
+    w.process_completions()
+    for f in frames[4:]:
+        assert w.batcher.add("bottle", f) is None
+    assert w.batcher.waiting_lines() == {"bottle"}
+    old_epoch = w.offsets.partitions[TP1].epoch
 
     c.rebalance(w, [TP0, TP1])  # B joins; TP1 comes straight back to this worker
 
     assert c.async_commits == [{TP1: 3}], "what is finished is committed in the callback"
-    assert "bottle" not in w._buffers and "bottle" not in w._buffer_since
+    assert w.batcher.waiting_lines() == set() and w.batcher.poll_timeout_ms() == 100
     assert c.seeks == [(TP1, 3)], "the kept partition must be rewound to its first unfinished offset"
     assert c.positions[TP1] == 3 and c.positions[TP0] is None
-    assert w._offsets[TP1].epoch != old_epoch
+    assert w.offsets.partitions[TP1].epoch != old_epoch
 
-    w._done_q.put(Done(frames[3]))  # the old epoch's publish lands: ignored, the frame is read again
-    w._process_completions()
+    w.completions.put(Done(frames[3]))  # the old epoch's publish lands: ignored, the frame is read again
+    w.process_completions()
     again = _poll(w, c, TP1, 3)
     assert [f.offset for f in again] == [3, 4, 5], "the forgotten frames are read again"
-    assert w._offsets[TP1].to_commit() == 3, "nothing past an unfinished frame is committable"
+    assert w.offsets.partitions[TP1].to_commit() == 3, "nothing past an unfinished frame is committable"
     for f in again:
-        w._done_q.put(Done(f))
-    w._process_completions()
-    assert w._offsets[TP1].to_commit() == 6
-    assert w._in_flight() == 0
+        w.completions.put(Done(f))
+    w.process_completions()
+    assert w.offsets.partitions[TP1].to_commit() == 6
+    assert w.in_flight() == 0
 
 
 def test_partition_taken_back_after_another_owner_is_not_rewound(tiny_settings: Settings) -> None:
@@ -116,4 +118,4 @@ def test_lost_partitions_are_not_rewound(tiny_settings: Settings) -> None:
     _poll(w, c, TP1, 4)
     c.rebalance(w, [TP0, TP1], lost=True)  # evicted: no commit, state dropped, read the committed offset
     assert c.async_commits == [] and c.seeks == []
-    assert c.positions[TP1] is None and w._in_flight() == 0
+    assert c.positions[TP1] is None and w.in_flight() == 0

@@ -6,10 +6,10 @@
   (or publish it to the registry, which promotes).
 * `replay_buffered` — run a finite stream through exactly that logic, causally: each frame is scored
   with the adapter trained on frames before it.
-* `eval_scorer(mode, inspector, settings)` — the hook `pipeline.evaluation.make_scorer` looks for:
+* `eval_scorer(mode, inspector, settings)` — what `pipeline.evaluation.loop.make_scorer` calls:
   `per_frame` and `buffered` scorers with `begin_class` / `score` / `end_class`.
 
-Pure torch TTA lives in `pipeline.model.tta`; this module only wires it to lines and settings.
+Pure torch TTA lives in `pipeline.model.self_training`; this module only wires it to lines and settings.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.adapter_files import adapter_id
-from pipeline.inspector import Inspector, RawScore
+from pipeline.adaptation.adapter_files import adapter_id
+from pipeline.adaptation.token_buffer import TokenBuffer
+from pipeline.inspection.inspector import Inspector, RawScore
 from pipeline.model.adapters import ResidualAdapter
-from pipeline.model.text import TextFeatures
-from pipeline.model.tta import (
+from pipeline.model.self_training import (
     Admission,
     AdmissionRule,
     BufferedBudget,
@@ -39,8 +39,8 @@ from pipeline.model.tta import (
     patch_scores,
     refresh_adapter,
 )
+from pipeline.model.text import TextFeatures
 from pipeline.settings import Settings, TTASettings
-from pipeline.token_buffer import TokenBuffer
 
 
 def admission_ceiling(inspector: Inspector, line_id: str) -> float | None:
@@ -272,7 +272,7 @@ def replay_buffered(
 
 
 # ------------------------------------------------------------------------------------------------
-# eval harness hook (pipeline.evaluation.make_scorer)
+# eval harness hook (pipeline.evaluation.loop.make_scorer)
 # ------------------------------------------------------------------------------------------------
 class PerFrameScorer:
     """`--tta per_frame`: every frame's map from its own fresh adapter; nothing carries between frames."""

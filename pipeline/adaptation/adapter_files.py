@@ -23,11 +23,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pipeline.errors import AdapterMismatchError
-from pipeline.model.adapters import ADAPTER_KINDS, ResidualAdapter, create_adapter
+from pipeline.model.adapters import ResidualAdapter, create_adapter
+from pipeline.model.self_training import TrainingReport
 from pipeline.model.text import TextFeatures
+from pipeline.settings import ADAPTER_KINDS
 
 if TYPE_CHECKING:
-    from pipeline.inspector import Inspector
+    from pipeline.inspection.inspector import Inspector
 
 FORMAT = "anoclip-adapter"
 FORMAT_VERSION = 1
@@ -64,13 +66,39 @@ def adapter_id(adapter: ResidualAdapter) -> str:
     return h.hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class TrainingMeta:
+    """The `training` block of an adapter's metadata: one schema for `anoclip adapt` and streaming refreshes."""
+
+    steps: int
+    seconds: float
+    stopped_by: str
+    frames_train: int
+    frames_val: int
+    loss_first: float | None
+    loss_last: float | None
+    params: dict[str, Any]
+    budget: dict[str, Any]
+
+    @classmethod
+    def from_report(cls, report: TrainingReport) -> TrainingMeta:
+        d = report.to_dict()  # JSON-ready params and budget (an unlimited budget is None)
+        return cls(steps=report.steps, seconds=round(report.seconds, 3), stopped_by=report.stopped_by,
+                   frames_train=report.frames_train, frames_val=report.frames_val,
+                   loss_first=report.losses[0] if report.losses else None,
+                   loss_last=report.losses[-1] if report.losses else None, params=d["params"], budget=d["budget"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def build_meta(
     adapter: ResidualAdapter,
     target: AdapterTarget,
     *,
     training_window: dict[str, Any] | None = None,
     validation: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None,
+    training: TrainingMeta | None = None,
     created: str | None = None,
 ) -> dict[str, Any]:
     """The metadata stored with an adapter (JSON-ready)."""
@@ -92,7 +120,7 @@ def build_meta(
         "created": created or datetime.now(UTC).isoformat(timespec="seconds"),
         "training_window": training_window or {},
         "validation": validation or {},
-        "training": training or {},
+        "training": training.to_dict() if training is not None else {},
     }
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.envelope import H_SYNTHETIC_DEFECT
 from pipeline.errors import AnoclipError, ConfigError
+from pipeline.streaming.envelope import H_SYNTHETIC_DEFECT
 
 SUFFIX_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"}
@@ -90,7 +90,7 @@ def video_frames(path: str | Path, *, loop: bool = False, fmt: str = "jpeg") -> 
 
 def synthetic_kind(line_id: str, class_name: str | None = None) -> str:
     """The synthetic part kind for a line: its id or class name if that is a kind, else an error."""
-    from pipeline import synth
+    from pipeline.evaluation import synth
 
     for cand in (line_id, class_name):
         if cand in synth.KINDS:
@@ -102,7 +102,7 @@ def synthetic_kind(line_id: str, class_name: str | None = None) -> str:
 def synthetic_frames(kind: str, *, size: int = 256, seed: int = 0, defect_rate: float = 0.3,
                      fmt: str = "jpeg") -> Iterator[SourceFrame]:
     """Endless generated parts of `kind`; about `defect_rate` of them carry a drawn defect."""
-    from pipeline import synth
+    from pipeline.evaluation import synth
 
     rng = np.random.default_rng(seed)
     for i in itertools.count():

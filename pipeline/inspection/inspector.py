@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.imaging import preprocess
+from pipeline.inspection.imaging import preprocess
+from pipeline.inspection.regions import Region, defect_regions
+from pipeline.inspection.text_cache import TextFeatureCache
+from pipeline.inspection.thresholds import LineThresholds
 from pipeline.model import AnoCLIP, TextFeatures, TokenAdapter, build_prompt_set, create_anoclip
-from pipeline.regions import Region, defect_regions
 from pipeline.settings import LineSettings, Settings
-from pipeline.text_cache import TextFeatureCache
-from pipeline.thresholds import LineThresholds
 
 
 @dataclass
@@ -166,7 +166,7 @@ class Inspector:
         self, line_id: str, tokens: torch.Tensor, text: TextFeatures, out_hw: tuple[int, int]
     ) -> torch.Tensor:
         """(B, H, W) maps of a batch after per-frame TTA on its (B, n_tiles, n_layers, P, C) tokens."""
-        from pipeline.model.tta import TTAParams, adapt_per_frame
+        from pipeline.model.self_training import TTAParams, adapt_per_frame
 
         params = TTAParams.from_settings(self.settings.tta)
         result = adapt_per_frame(tokens, text, self.line(line_id).adapter_kind, params,

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from pipeline.inspection.inspector import Inspection
 
 
 def _jet_lut() -> np.ndarray:
@@ -57,3 +62,11 @@ def heatmap_png(image: np.ndarray, anomaly_map: np.ndarray, lo: float, hi: float
                 mask: np.ndarray | None = None) -> bytes:
     """Heatmap overlay of a frame as PNG bytes."""
     return encode_png(overlay(image, anomaly_map, lo, hi, mask))
+
+
+def save_overlay(path: str | Path, image: np.ndarray, inspection: Inspection) -> Path:
+    """Write an inspection's heatmap overlay (mask outlined) of `image` as a PNG file."""
+    lo, hi = inspection.heatmap_range
+    out = Path(path)
+    out.write_bytes(heatmap_png(image, inspection.anomaly_map, lo, hi, inspection.mask))
+    return out

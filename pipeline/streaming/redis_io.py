@@ -10,23 +10,19 @@ A batch is one pipelined round trip. Every key comes from `RedisKeys`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from pipeline.errors import ConfigError
+from pipeline.redis_client import RETRYABLE, make_redis
 from pipeline.redis_keys import RedisKeys
 from pipeline.settings import RedisSettings
-
-# Errors that mean "Redis is unreachable or unhappy right now, try again later" (not a bug in the data).
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError,
-             redis.ResponseError, OSError)
+from pipeline.streaming.records import FrameResult
 
 _PUBLISH_LUA = """
 -- KEYS: 1 done, 2 results stream, 3 alerts stream, 4 frame result, 5 frame mask, 6 frame heatmap,
@@ -65,40 +61,15 @@ return 1
 """
 
 
-def make_redis(rs: RedisSettings) -> redis.Redis:
-    """A client that fails fast (one immediate reconnect attempt): the worker does its own backoff."""
-    # redis-py accepts TLS options only for rediss:// URLs; a CA with a plain URL is a config error.
-    if rs.ssl_ca_certs and not rs.url.startswith("rediss://"):
-        raise ConfigError("redis.ssl_ca_certs is set but redis.url is not a rediss:// (TLS) URL")
-    extra: dict[str, Any] = {"ssl_ca_certs": rs.ssl_ca_certs} if rs.ssl_ca_certs else {}
-    return redis.Redis.from_url(
-        rs.url,
-        username=rs.username,
-        password=rs.password,
-        socket_timeout=rs.socket_timeout_s,
-        socket_connect_timeout=rs.socket_timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=0,
-        **extra,
-    )
-
-
 @dataclass
 class FrameOutput:
-    """Everything published for one scored frame."""
+    """Everything published for one scored frame: its typed result and the images beside it."""
 
-    frame_id: str
-    line: str
-    capture_ts_ns: int
-    result: dict[str, Any]
-    """JSON-ready result (stored per frame and as the line's latest)."""
-    is_alert: bool
+    result: FrameResult
     mask_png: bytes
     heatmap_png: bytes
     image: bytes = b""
     """Original encoded frame; stored for alerts and as the line's latest image."""
-    alert: dict[str, Any] = field(default_factory=dict)
-    """Extra alert fields (regions and the like); merged over the common ones."""
 
 
 def _field_value(v: Any) -> str | bytes:
@@ -141,45 +112,6 @@ class ResultPublisher:
             return False
 
     # --- frames -----------------------------------------------------------------------------
-    def stream_fields(self, out: FrameOutput, published_ns: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(results-stream entry, alerts-stream entry) for a frame."""
-        r = out.result
-        k = self.keys
-        common = {
-            "frame_id": out.frame_id,
-            "line": out.line,
-            "camera": r.get("camera", ""),
-            "score": r.get("score"),
-            "verdict": r.get("verdict"),
-            "threshold": r.get("threshold"),
-            "capture_ts": out.capture_ts_ns,
-            "published_ts": published_ns,
-        }
-        res = {
-            **common,
-            "pixel_threshold": r.get("pixel_threshold"),
-            "threshold_source": r.get("threshold_source", ""),
-            "adapter_version": r.get("adapter_version"),
-            "defect_area": r.get("defect_area", 0),
-            "latency_ms": round((published_ns - out.capture_ts_ns) / 1e6, 3),
-            "timings_ms": r.get("timings_ms", {}),
-            "partition": r.get("partition", ""),
-            "offset": r.get("offset", ""),
-            "worker": self.worker_id,
-            "result_key": k.frame(out.frame_id, "result"),
-            "mask_key": k.frame(out.frame_id, "mask"),
-        }
-        alert = {
-            **common,
-            "regions": r.get("regions", []),
-            "defect_area": r.get("defect_area", 0),
-            "mask_key": k.frame(out.frame_id, "mask"),
-            "heatmap_key": k.frame(out.frame_id, "heatmap"),
-            "image_key": k.frame(out.frame_id, "image") if out.image else "",
-            **out.alert,
-        }
-        return res, alert
-
     def publish(self, outputs: Sequence[FrameOutput]) -> list[bool]:
         """Write a batch in one round trip; per frame, True if written now, False if it was already there.
 
@@ -192,23 +124,24 @@ class ResultPublisher:
         published_ns = time.time_ns()
         pipe = self.client.pipeline(transaction=False)
         for out in outputs:
-            res, alert = self.stream_fields(out, published_ns)
-            result = {**out.result, "frame_id": out.frame_id, "line": out.line,
-                      "capture_ts": out.capture_ts_ns, "published_ts": published_ns}
-            result_json = json.dumps(result, separators=(",", ":"))
-            live = json.dumps({"type": "result", "frame_id": out.frame_id, "line": out.line,
-                               "score": out.result.get("score"), "verdict": out.result.get("verdict"),
-                               "alert": out.is_alert, "published_ts": published_ns}, separators=(",", ":"))
-            res_f, alert_f = _flatten(res), (_flatten(alert) if out.is_alert else [])
+            r = dataclasses.replace(out.result, published_ts_ns=published_ns,
+                                    worker=out.result.worker or self.worker_id)
+            fid, line = r.frame_id, r.line
+            res = r.results_entry(result_key=k.frame(fid, "result"), mask_key=k.frame(fid, "mask"))
+            alert = r.alert_entry(mask_key=k.frame(fid, "mask"), heatmap_key=k.frame(fid, "heatmap"),
+                                  image_key=k.frame(fid, "image") if out.image else "")
+            result_json = json.dumps(r.to_json_dict(), separators=(",", ":"))
+            live = json.dumps(r.live_event(), separators=(",", ":"))
+            res_f, alert_f = _flatten(res), (_flatten(alert) if r.anomalous else [])
             keys = [
-                k.done_marker(out.frame_id), k.results_stream(out.line), k.alerts_stream,
-                k.frame(out.frame_id, "result"), k.frame(out.frame_id, "mask"), k.frame(out.frame_id, "heatmap"),
-                k.frame(out.frame_id, "image"), k.latest(out.line, "result"), k.latest(out.line, "mask"),
-                k.latest(out.line, "heatmap"), k.latest(out.line, "image"), k.latest(out.line, "capture_ts"),
+                k.done_marker(fid), k.results_stream(line), k.alerts_stream,
+                k.frame(fid, "result"), k.frame(fid, "mask"), k.frame(fid, "heatmap"),
+                k.frame(fid, "image"), k.latest(line, "result"), k.latest(line, "mask"),
+                k.latest(line, "heatmap"), k.latest(line, "image"), k.latest(line, "capture_ts"),
             ]
             args = [
                 f"{self.worker_id}@{published_ns}", s.done_ttl_s, s.frame_ttl_s, s.results_maxlen, s.alerts_maxlen,
-                "1" if out.is_alert else "0", out.capture_ts_ns, result_json, out.mask_png, out.heatmap_png,
+                "1" if r.anomalous else "0", r.capture_ts_ns, result_json, out.mask_png, out.heatmap_png,
                 out.image, k.live_channel, live, len(res_f), len(alert_f), *res_f, *alert_f,
             ]
             self._script(keys=keys, args=args, client=pipe)

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import AnoclipError, ImageError
-from pipeline.imaging import DEFAULT_MAX_PIXELS, load_image
+from pipeline.inspection.imaging import DEFAULT_MAX_PIXELS, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_TEXTURES = frozenset({"carpet", "grid", "leather", "tile", "wood"})

@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics computed the way the field reports them (anoclip-algorithm.md §6.3).
+"""Anomaly-detection metrics computed the way the field reports them (docs/algorithm.md §6.3).
 
 Image level (a few thousand scores at most, kept exactly): AUROC, AP (`average_precision_score`),
 the official code's "pr_sp" (trapezoidal area under the PR curve, *not* AP) and F1-max.

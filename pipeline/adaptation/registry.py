@@ -50,29 +50,29 @@ class AdapterRegistry:
     """Versions and pointer of every line's adapter; workers read, trainers and operators write."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
-        self.r = client
+        self.client = client
         self.keys = keys
 
     # -- reading --------------------------------------------------------------------------------
     def current(self, line: str) -> str | None:
-        v = self.r.get(self.keys.adapter_current(line))
+        v = self.client.get(self.keys.adapter_current(line))
         return _s(v) if v is not None else None
 
     def is_paused(self, line: str) -> bool:
-        return bool(self.r.exists(self.keys.adapter_paused(line)))
+        return bool(self.client.exists(self.keys.adapter_paused(line)))
 
     def versions(self, line: str) -> list[str]:
         """Every version of the line, oldest first."""
-        return [_s(v) for v in self.r.zrange(self.keys.adapter_versions(line), 0, -1)]
+        return [_s(v) for v in self.client.zrange(self.keys.adapter_versions(line), 0, -1)]
 
     def meta(self, line: str, version: str) -> dict[str, Any]:
-        raw = self.r.hget(self.keys.adapter_version(line, version), "meta")
+        raw = self.client.hget(self.keys.adapter_version(line, version), "meta")
         if raw is None:
             raise KeyError(f"line {line!r} has no adapter version {version!r}")
         return json.loads(raw)
 
     def tensors(self, line: str, version: str) -> bytes:
-        raw = self.r.hget(self.keys.adapter_version(line, version), "tensors")
+        raw = self.client.hget(self.keys.adapter_version(line, version), "tensors")
         if raw is None:
             raise KeyError(f"line {line!r} has no adapter version {version!r}")
         return raw
@@ -80,7 +80,7 @@ class AdapterRegistry:
     def audit(self, line: str, count: int = 50) -> list[dict[str, Any]]:
         """Newest first."""
         out = []
-        for entry_id, fields in self.r.xrevrange(self.keys.adapter_audit(line), count=count):
+        for entry_id, fields in self.client.xrevrange(self.keys.adapter_audit(line), count=count):
             d = {_s(k): _s(v) for k, v in fields.items()}
             d["id"] = _s(entry_id)
             out.append(d)
@@ -107,7 +107,7 @@ class AdapterRegistry:
         current adapter moved (e.g. a rollback) since training started from `base_version`."""
         k = self.keys
         cur_key, paused_key = k.adapter_current(line), k.adapter_paused(line)
-        with self.r.pipeline(transaction=True) as pipe:
+        with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(cur_key, paused_key)
@@ -122,7 +122,7 @@ class AdapterRegistry:
                         pipe.unwatch()
                         self.record(line, "refuse", actor=actor, reason=refusal, request_id=request_id)
                         return PromotionResult(False, None, refusal)
-                    n = int(self.r.incr(k.adapter_seq(line)))
+                    n = int(self.client.incr(k.adapter_seq(line)))
                     version = f"v{n}"
                     meta = {**meta, "version": version, "line": line, "created": meta.get("created", time.time())}
                     pipe.multi()
@@ -143,7 +143,7 @@ class AdapterRegistry:
 
     def record(self, line: str, action: str, *, actor: str, reason: str, **extra: Any) -> None:
         """An audit entry without a pointer move (refusals, refresh outcomes)."""
-        self.r.xadd(self.keys.adapter_audit(line), self._audit_fields(action, actor, reason, **extra),
+        self.client.xadd(self.keys.adapter_audit(line), self._audit_fields(action, actor, reason, **extra),
                     maxlen=AUDIT_MAXLEN, approximate=True)
 
     def rollback(self, line: str, to_version: str | None = None, *, actor: str, reason: str = "") -> str | None:
@@ -153,7 +153,7 @@ class AdapterRegistry:
         """
         k = self.keys
         cur_key = k.adapter_current(line)
-        with self.r.pipeline(transaction=True) as pipe:
+        with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(cur_key)
@@ -185,29 +185,30 @@ class AdapterRegistry:
 
     def pause(self, line: str, *, actor: str, reason: str = "") -> None:
         """Stop promotions on the line; workers keep serving the current adapter."""
-        self.r.set(self.keys.adapter_paused(line), json.dumps({"actor": actor, "reason": reason, "ts": time.time()}))
+        note = json.dumps({"actor": actor, "reason": reason, "ts": time.time()})
+        self.client.set(self.keys.adapter_paused(line), note)
         self.record(line, "pause", actor=actor, reason=reason)
 
     def resume(self, line: str, *, actor: str, reason: str = "") -> None:
-        self.r.delete(self.keys.adapter_paused(line))
+        self.client.delete(self.keys.adapter_paused(line))
         self.record(line, "resume", actor=actor, reason=reason)
 
     # -- refresh requests -----------------------------------------------------------------------
     def request_refresh(self, line: str, *, actor: str) -> str:
         """Ask the line's trainer to refresh now; the outcome arrives on the audit stream."""
         request_id = uuid.uuid4().hex
-        self.r.xadd(self.keys.adapter_refresh_requests(line),
+        self.client.xadd(self.keys.adapter_refresh_requests(line),
                     {"request_id": request_id, "actor": actor, "ts": f"{time.time():.3f}"},
                     maxlen=1000, approximate=True)
         return request_id
 
     def refresh_requests(self, line: str, after_id: str = "0-0") -> list[tuple[str, dict[str, str]]]:
         """Requests newer than `after_id`, oldest first."""
-        entries = self.r.xrange(self.keys.adapter_refresh_requests(line), min=f"({after_id}", count=100)
+        entries = self.client.xrange(self.keys.adapter_refresh_requests(line), min=f"({after_id}", count=100)
         return [(_s(i), {_s(k): _s(v) for k, v in f.items()}) for i, f in entries]
 
     def last_request_id(self, line: str) -> str:
-        last = self.r.xrevrange(self.keys.adapter_refresh_requests(line), count=1)
+        last = self.client.xrevrange(self.keys.adapter_refresh_requests(line), count=1)
         return _s(last[0][0]) if last else "0-0"
 
     def wait_outcome(self, line: str, request_id: str, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any] | None:
@@ -226,21 +227,21 @@ class TrainerLock:
     """`SET NX PX` lock electing one trainer per line; expires by itself if the holder dies."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, line: str, owner: str, ttl_s: float) -> None:
-        self.r = client
+        self.client = client
         self.key = keys.adapter_lock(line)
         self.owner = owner
         self.ttl_ms = int(ttl_s * 1000)
 
     def acquire(self) -> bool:
-        return bool(self.r.set(self.key, self.owner, nx=True, px=self.ttl_ms))
+        return bool(self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms))
 
     def renew(self) -> bool:
         """Extend the lease; False means it was lost (expired and maybe taken by another worker)."""
-        return bool(self.r.eval(_RENEW_LUA, 1, self.key, self.owner, self.ttl_ms))
+        return bool(self.client.eval(_RENEW_LUA, 1, self.key, self.owner, self.ttl_ms))
 
     def release(self) -> None:
-        self.r.eval(_RELEASE_LUA, 1, self.key, self.owner)
+        self.client.eval(_RELEASE_LUA, 1, self.key, self.owner)
 
     def holder(self) -> str | None:
-        v = self.r.get(self.key)
+        v = self.client.get(self.key)
         return _s(v) if v is not None else None

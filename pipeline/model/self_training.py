@@ -1,4 +1,4 @@
-"""Test-time adaptation (algorithm spec section 5): loss, per-frame TTA, buffered training, admission, gate.
+"""Test-time adaptation (docs/algorithm.md §5): loss, per-frame TTA, buffered training, admission, gate.
 
 Pure torch, no file I/O; deterministic given the seeds in `TTAParams` (and a step budget rather than a
 time budget for buffered training).
@@ -42,7 +42,7 @@ MAD_TO_STD = 1.4826
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TTAParams:
-    """Optimisation constants; the defaults are the official code's (spec 5.1, 5.3, 5.4)."""
+    """Optimisation constants; the defaults are the official code's (docs/algorithm.md §5.1, §5.3, §5.4)."""
 
     steps: int = 5
     lr: float = 1e-3

@@ -20,12 +20,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.adapter_files import build_meta, from_bytes, target_for, to_bytes
-from pipeline.adapter_registry import AdapterRegistry, TrainerLock
+from pipeline.adaptation.adapter_files import TrainingMeta, build_meta, from_bytes, target_for, to_bytes
+from pipeline.adaptation.buffered import BufferedTTA, admission_ceiling, report_figures
+from pipeline.adaptation.registry import AdapterRegistry, TrainerLock
 from pipeline.errors import AdapterMismatchError
-from pipeline.inspector import Inspector, RawScore
-from pipeline.model.tta import BufferedBudget, TTAParams
-from pipeline.tta import BufferedTTA, admission_ceiling, report_figures
+from pipeline.inspection.inspector import Inspector, RawScore
+from pipeline.model.self_training import BufferedBudget, TTAParams
+from pipeline.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,13 @@ class AdapterService:
         registry: AdapterRegistry,
         lines: list[str],
         worker_id: str,
-        metrics: Any = None,
+        telemetry: WorkerTelemetry | None = None,
     ) -> None:
         self.inspector = inspector
         self.registry = registry
         self.settings = inspector.settings.tta
         self.worker_id = worker_id
-        self.metrics = metrics
+        self.telemetry = telemetry
         self.compute_dtype = TTAParams.from_settings(self.settings).compute_dtype
         self.lines: dict[str, _LineState] = {
             line: _LineState(BufferedTTA.for_line(inspector, line)) for line in lines
@@ -95,9 +96,9 @@ class AdapterService:
         previous = st.serving[1]
         st.serving = (adapter, version)
         st.tta.serve(adapter, version)
-        if self.metrics is not None:
-            self.metrics.adapter_version.labels(line, previous or "base").set(0)
-            self.metrics.adapter_version.labels(line, version or "base").set(1)
+        if self.telemetry is not None:
+            self.telemetry.adapter_version.labels(line, previous or "base").set(0)
+            self.telemetry.adapter_version.labels(line, version or "base").set(1)
         log.info("line %s: now serving adapter %s", line, version or "none (base model)")
         return True
 
@@ -109,8 +110,8 @@ class AdapterService:
             return
         st.tta.set_ceiling(admission_ceiling(self.inspector, line))
         st.tta.observe(frame_id, raw.tokens, raw.score, timestamp, score_seconds=score_seconds)
-        if self.metrics is not None:
-            self.metrics.tta_buffer_frames.labels(line).set(len(st.tta.buffer))
+        if self.telemetry is not None:
+            self.telemetry.tta_buffer_frames.labels(line).set(len(st.tta.buffer))
 
     # -- refreshing -----------------------------------------------------------------------------
     def start(self) -> AdapterService:
@@ -157,7 +158,7 @@ class AdapterService:
             return  # let a worker that holds this line's frames answer first
         if not (st.tta.due or interval_due or requested):
             return
-        lock = TrainerLock(self.registry.r, self.registry.keys, line, self.worker_id, s.lock_ttl_s)
+        lock = TrainerLock(self.registry.client, self.registry.keys, line, self.worker_id, s.lock_ttl_s)
         if not lock.acquire():
             return  # another worker is training (or answering) for this line
         try:
@@ -222,7 +223,7 @@ class AdapterService:
             return {"action": "refuse", "reason": reason}
         meta = build_meta(adapter, target_for(self.inspector, line),
                           training_window=report.extra.get("training_window"), validation=report.validation,
-                          training=figures)
+                          training=TrainingMeta.from_report(report))
         result = self.registry.publish(line, to_bytes(adapter, meta), meta, actor=self.worker_id,
                                        reason=report.summary(), base_version=base_version,
                                        request_id=rids[0] if rids else None)
@@ -244,5 +245,5 @@ class AdapterService:
             st.pending.pop(rid, None)
 
     def _count(self, line: str, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.tta_runs.labels(line, outcome).inc()
+        if self.telemetry is not None:
+            self.telemetry.tta_runs.labels(line, outcome).inc()

@@ -1,7 +1,7 @@
 """A bounded per-line ring buffer of fp16 patch tokens for buffered TTA, with admission.
 
 The streaming worker offers every scored frame; only frames the base model calls confidently normal
-get in (see `pipeline.model.tta.admit`), with their abnormal-looking patches marked so the trainer never
+get in (see `pipeline.model.self_training.admit`), with their abnormal-looking patches marked so the trainer never
 labels them normal. The buffer is bounded by frame count and by bytes, evicting the oldest frames, and
 is thread-safe: the poll thread offers while a trainer thread takes snapshots.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.model.tta import Admission, AdmissionRule, TokenSet, admit
+from pipeline.model.self_training import Admission, AdmissionRule, TokenSet, admit
 
 
 @dataclass
@@ -81,7 +81,7 @@ class TokenBuffer:
         """Judge a scored frame and keep it if admitted.
 
         tokens: the frame's raw tokens (..., C), e.g. `RawScore.tokens`; scores: their base-model
-        p(abnormal) with the same leading shape (`pipeline.model.tta.patch_scores(tokens, text)`).
+        p(abnormal) with the same leading shape (`pipeline.model.self_training.patch_scores(tokens, text)`).
         """
         with self._lock:
             history = torch.tensor(list(self._scores)) if self._scores else None

@@ -1,0 +1,94 @@
+"""The housekeeping thread: Redis readiness, each line's threshold state (calibration resumed from Redis,
+operator overrides applied, the worker's view published) and the worker's heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.inspection.inspector import Inspector
+from pipeline.redis_client import RETRYABLE
+from pipeline.settings import Settings
+from pipeline.streaming.redis_io import ResultPublisher, manual_override
+from pipeline.streaming.worker.publishing import RedisStatus
+from pipeline.telemetry import WorkerTelemetry
+
+log = logging.getLogger("anoclip.worker")
+
+THRESHOLD_SOURCES = ("manual", "config", "calibrated", "default")
+
+
+@dataclass
+class Housekeeping:
+    """Runs every `heartbeat_interval_s` until stopped; never raises."""
+
+    settings: Settings
+    inspector: Inspector
+    publisher: ResultPublisher
+    telemetry: WorkerTelemetry
+    redis: RedisStatus
+    heartbeat: Callable[[], dict[str, Any]]
+    """The heartbeat hash's fields, from the runtime."""
+    _synced: set[str] = field(default_factory=set)
+    """Lines whose threshold state was read once (a calibration is resumed only on the first read)."""
+
+    @property
+    def lines(self) -> list[str]:
+        return sorted(line.id for line in self.settings.lines)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.worker.heartbeat_interval_s):
+            self.once()
+
+    def once(self) -> None:
+        try:
+            ok = self.publisher.ping()
+            self.redis.set(ok)
+            if not ok:
+                return
+            for line in self.lines:
+                self.sync_threshold(line)
+            self.publisher.heartbeat(self.heartbeat())
+        except RETRYABLE as e:
+            self.redis.set(False)
+            log.debug("housekeeping: Redis unavailable: %s", e)
+        except Exception:  # housekeeping must never take the worker down
+            log.exception("housekeeping failed")
+
+    def sync_threshold(self, line: str) -> None:
+        th = self.inspector.thresholds(line)
+        state = self.publisher.read_threshold(line)
+        first = line not in self._synced
+        self._synced.add(line)
+        ident = self.calibration_identity(line)
+        if first and th.calibration is None and "calibrated_image" in state:
+            stale = {k: state.get(k) for k, v in ident.items() if state.get(k) != v}
+            if stale:  # calibrated with another model, prompt set or quantile: its numbers do not apply
+                log.info("line %s: not resuming the calibration in Redis, it was made with %s", line, stale)
+            else:
+                try:
+                    th.restore(state)
+                    log.info("line %s: resumed calibrated thresholds from Redis (image %.4f)", line, th.image)
+                except (ValueError, KeyError) as e:
+                    log.warning("line %s: ignoring unreadable calibration in Redis: %s", line, e)
+        image, pixel = manual_override(state)
+        if (image, pixel) != (th.override_image, th.override_pixel):
+            log.info("line %s: manual threshold override image=%s pixel=%s", line, image, pixel)
+            th.set_override(image, pixel)
+        d = th.to_dict()
+        if th.calibration is not None:
+            d.update(ident)
+        self.publisher.write_threshold(line, d)
+        for src in THRESHOLD_SOURCES:
+            value = float(d["image"]) if src == d["source"] else float("nan")  # type: ignore[arg-type]
+            self.telemetry.threshold.labels(line, src).set(value)
+
+    def calibration_identity(self, line: str) -> dict[str, str]:
+        """What a calibration depends on: one made with another model, prompt set or quantile is not resumed."""
+        m = self.settings.model
+        return {"calibrated_model": f"{m.arch}/{m.pretrained}/{m.precision}",
+                "calibrated_prompts": self.inspector.prompt_hash(line),
+                "calibrated_quantile": str(self.settings.line(line).threshold.quantile)}

@@ -1,0 +1,116 @@
+"""The scorer thread: decode each batch's frames, score and judge them with the line's adapter, render
+mask and heatmap, and hand the results to the publisher. Frames that cannot be scored go to the DLQ."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.adaptation.service import AdapterService
+from pipeline.errors import ImageError
+from pipeline.inspection.imaging import decode_image
+from pipeline.inspection.inspector import Inspection, Inspector
+from pipeline.inspection.render import heatmap_png, mask_png
+from pipeline.settings import Settings
+from pipeline.streaming import envelope
+from pipeline.streaming.records import FrameResult
+from pipeline.streaming.redis_io import FrameOutput
+from pipeline.streaming.worker.frames import Batch, Frame
+from pipeline.telemetry import WorkerTelemetry
+
+log = logging.getLogger("anoclip.worker")
+
+DeadLetter = Callable[[Frame, str, str], None]
+"""(frame, reason, stage): send a frame to the DLQ."""
+
+
+@dataclass
+class BatchScorer:
+    """Turns batches of frames into published outputs (scorer thread only)."""
+
+    settings: Settings
+    worker_id: str
+    inspector: Inspector
+    adapters: AdapterService | None
+    telemetry: WorkerTelemetry
+    dead_letter: DeadLetter
+    publish: queue.Queue[list[tuple[Frame, FrameOutput]] | None]
+
+    def run(self, batches: queue.Queue[Batch | None]) -> None:
+        """Score batches until None arrives, then tell the publisher to finish."""
+        while True:
+            batch = batches.get()
+            if batch is None:
+                self.publish.put(None)
+                return
+            try:
+                self.score_batch(batch)
+            except Exception as e:  # a bug must not kill the thread and stall every partition
+                log.exception("scoring a batch of %d %s frames failed", len(batch.frames), batch.line)
+                for f in batch.frames:
+                    self.dead_letter(f, f"internal error while scoring: {type(e).__name__}: {e}",
+                                     envelope.STAGE_INSPECT)
+
+    def adapter_for(self, line: str) -> tuple[object, str | None]:
+        """The line's current adapter and its version (None, None: the base model)."""
+        return self.adapters.adapter_for(line) if self.adapters is not None else (None, None)
+
+    def inspect(self, line: str, frames: list[Frame], images: list[np.ndarray]) -> list[Inspection]:
+        """Score and judge frames of one line with its adapter; feed the line's TTA buffer."""
+        adapter, version = self.adapter_for(line)
+        tta = "per_frame" if self.settings.tta.mode == "per_frame" else None
+        t0 = time.perf_counter()
+        raws = self.inspector.score_raw(line, images, adapter, tta)
+        per_frame_s = (time.perf_counter() - t0) / max(1, len(images))
+        out = [self.inspector.judge(line, r, "per_frame" if tta else version) for r in raws]
+        if self.adapters is not None:
+            for f, r in zip(frames, raws, strict=True):
+                assert f.meta is not None
+                self.adapters.observe(line, f.meta.frame_id, r, per_frame_s, f.meta.capture_ts_ns / 1e9)
+        return out
+
+    def score_batch(self, batch: Batch) -> None:
+        good: list[tuple[Frame, np.ndarray]] = []
+        for f in batch.frames:
+            assert f.meta is not None and f.value is not None
+            try:
+                img = decode_image(f.value, max_pixels=self.settings.worker.max_pixels,
+                                   content_type=f.meta.content_type)
+            except ImageError as e:
+                self.dead_letter(f, str(e), envelope.STAGE_DECODE)
+                continue
+            good.append((f, img))
+        if not good:
+            return
+        t0 = time.perf_counter()
+        try:
+            inspections = list(zip(good, self.inspect(batch.line, [f for f, _ in good], [img for _, img in good]),
+                                   strict=True))
+        except Exception:  # find the frame that breaks the batch, score the others
+            log.exception("batch inspection failed; scoring %d frames one by one", len(good))
+            inspections = []
+            for f, img in good:
+                try:
+                    (insp,) = self.inspect(batch.line, [f], [img])
+                    inspections.append(((f, img), insp))
+                except (ImageError, ValueError, RuntimeError) as e:
+                    self.dead_letter(f, f"inspection failed: {type(e).__name__}: {e}", envelope.STAGE_INSPECT)
+        model_s = time.perf_counter() - t0
+        self.telemetry.inference_seconds.labels(batch.line).observe(model_s)
+        self.telemetry.batch_size.labels(batch.line).observe(len(good))
+        outputs = [(f, self.output(f, img, insp)) for (f, img), insp in inspections]
+        if outputs:
+            self.publish.put(outputs)
+
+    def output(self, f: Frame, img: np.ndarray, insp: Inspection) -> FrameOutput:
+        assert f.meta is not None and f.value is not None
+        lo, hi = insp.heatmap_range
+        result = FrameResult.from_inspection(insp, f.meta, width=int(img.shape[1]), height=int(img.shape[0]),
+                                             partition=f.tp.partition, offset=f.offset, worker=self.worker_id)
+        return FrameOutput(result, mask_png(insp.mask), heatmap_png(img, insp.anomaly_map, lo, hi, insp.mask),
+                           image=f.value)
