@@ -38,7 +38,13 @@ class ModelSettings(_Section):
     seed: int = 0
     """Seed for random init (`pretrained: none`) so text caches and tests are reproducible."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    """`auto`: bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32 (fp32 on CUDA and in exported
+    runtimes, whose reduced precisions are opt-in). `int8`: dynamic quantisation, exported runtimes only."""
+    runtime: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    """What runs the image encoder: torch, or the encoder exported by `anoclip export` (docs/runtimes.md)."""
+    runtime_dir: str = "~/.cache/anoclip/runtimes"
+    """A folder written by `anoclip export`, or a cache where the encoder is exported on first use."""
     vv_start_block: int = Field(1, ge=1)
     """First block (1-based) of the value-wise path; the official code uses 1 (all blocks)."""
     feature_layers: list[int] = Field(default_factory=list)
@@ -64,6 +70,19 @@ class ModelSettings(_Section):
         if any(i < 1 for i in v):
             raise ValueError("block numbers are 1-based")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _runtime_precision(self) -> ModelSettings:
+        """Combinations no runtime can run fail at start-up, naming the keys."""
+        if self.precision == "int8" and self.runtime == "torch":
+            raise ValueError("precision int8 needs runtime onnxruntime or openvino (exported encoder)")
+        if self.runtime != "torch" and self.device == "cuda":
+            raise ValueError(f"runtime {self.runtime} runs on the CPU; use device cpu (or auto) or runtime torch")
+        if self.runtime != "torch" and self.precision == "fp16":
+            raise ValueError(f"precision fp16 is for CUDA with runtime torch, not runtime {self.runtime}")
+        if self.runtime == "onnxruntime" and self.precision == "bf16":
+            raise ValueError("precision bf16 with runtime onnxruntime: it has no bf16 CPU kernels; use openvino")
+        return self
 
 
 class ThresholdSettings(_Section):
@@ -128,7 +147,7 @@ class KafkaSettings(_Section):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
-    sasl_password: str | None = None
+    sasl_password: str | None = Field(None, repr=False)
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -142,6 +161,10 @@ class KafkaSettings(_Section):
     local_dir: str = ".kafka"
     """Local stack only: cache of the pinned Tansu broker binary, its pid file and log."""
     local_storage: str = "memory://tansu/"
+    partition_key: Literal["frame", "camera", "line"] = "frame"
+    """Record key of a frame, which picks its partition: `frame` (its id) spreads every line over all partitions,
+    so up to `partitions` workers share one line; `camera` keeps each camera's frames in order on one partition;
+    `line` puts a whole line on one partition, scored by one worker at a time."""
     """Local stack only: Tansu storage URL (`memory://` forgets everything on restart)."""
 
     @model_validator(mode="after")
@@ -159,14 +182,24 @@ class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "anoclip"
     username: str | None = None
-    password: str | None = None
+    password: str | None = Field(None, repr=False)
     ssl_ca_certs: str | None = None
     results_maxlen: int = Field(100_000, ge=100)
     alerts_maxlen: int = Field(100_000, ge=100)
     frame_ttl_s: int = Field(24 * 3600, ge=1)
     socket_timeout_s: float = Field(5.0, gt=0)
-    done_ttl_s: int = Field(7 * 24 * 3600, ge=60)
-    """How long a frame's done marker lives: replays older than this would publish twice."""
+    done_ttl_s: int = Field(24 * 3600, ge=60)
+    """How long a frame's done marker is kept (expired by the publisher, never evicted): a replay older than
+    this would publish twice."""
+    stream_max_age_s: int | None = Field(None, ge=60)
+    """Also trim the results and alerts streams to entries younger than this (MINID); None: MAXLEN only."""
+    store_heatmaps: Literal["all", "alerts", "none"] = "alerts"
+    """Per-frame heatmap PNGs kept: for every frame, for alerts only, or none (the line's latest is always kept)."""
+    store_masks: Literal["all", "alerts"] = "all"
+    """Per-frame mask PNGs kept: for every frame (a normal frame's empty mask is ~100 bytes) or alerts only."""
+    local_maxmemory: str = Field("1gb", pattern=r"^[0-9]+(b|kb|mb|gb)?$")
+    """Local stack only: `maxmemory` of the redis-server it starts, with eviction `volatile-lru` (only keys with
+    a TTL, the per-frame blobs, are ever evicted; docs/operations.md)."""
     heartbeat_ttl_s: int = Field(30, ge=2)
     """A worker's heartbeat hash expires this long after its last beat."""
     local_dir: str = ".stack/redis"
@@ -180,6 +213,15 @@ class WorkerSettings(_Section):
     max_wait_ms: int = Field(50, ge=0)
     max_frame_bytes: int = Field(32 << 20, ge=1024)
     max_pixels: int = Field(50_000_000, ge=1024)
+    max_side: int = Field(16384, ge=64)
+    """Longest side in pixels a frame may have; checked from the image header, before decoding."""
+    max_aspect_ratio: float = Field(8.0, ge=1)
+    """Long side / short side a frame may have (a 1 x 6000 strip is 6000 model tiles); checked before decoding."""
+    max_tiles: int = Field(8, ge=1)
+    """Model tiles a frame may need (`model.resize: tile` cuts about long/short square tiles); checked before
+    decoding."""
+    render_max_side: int = Field(1024, ge=64)
+    """Masks and heatmaps are rendered and stored with at most this long side; regions stay in frame pixels."""
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9400, ge=0, le=65535)
     retry_backoff_s: float = Field(0.5, gt=0)
@@ -274,7 +316,20 @@ class TTASettings(_Section):
     gate_min_spread_ratio: float = Field(0.25, ge=0)
     """Refuse a candidate whose SD of p(abnormal) falls below this multiple of the base model's."""
     gate_min_confident: int = Field(10, ge=1)
-    """Flip shares are judged only over at least this many confident patches."""
+    """Flip shares are judged only over at least this many confident patches; a candidate with neither that many
+    confidently abnormal patches nor that many labelled abnormal pixels to judge it on is refused, never passed."""
+    gate_positives: int = Field(16, ge=0)
+    """Held-out frames (the newest) that get a synthetic defect pasted in (CutPaste / Perlin-masked foreign
+    texture) as labelled positives of the gate; each costs one extra base-model forward per refresh. 0 = none."""
+    gate_max_labelled: int = Field(16, ge=0)
+    """Operator labels in each refresh's gate (the worker reads them from Redis): the newest this many confirmed
+    defects whose mask the operator endorsed (labelled positives) and as many false alarms (normal frames);
+    each costs one extra base-model forward per refresh. 0 = none."""
+    gate_auroc_margin: float = Field(0.02, ge=0, le=1)
+    """Refuse a candidate whose pixel AUROC on the labelled positives is below the serving version's minus this."""
+    gate_min_contrast_ratio: float = Field(0.5, ge=0)
+    """Refuse a candidate whose contrast on the labelled positives (median p(abnormal) of defect pixels minus that
+    of the others) is below this multiple of the serving version's: every pixel shifted towards one side. 0 = off."""
 
     @model_validator(mode="after")
     def _gate_order(self) -> TTASettings:
@@ -288,6 +343,82 @@ class TTASettings(_Section):
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
+class MemorySettings(_Section):
+    """Per-line patch memory (docs/memory.md): which features, how big, how scored and fused, cold start, admission.
+
+    Defaults are the choices measured in docs/memory.md. The memory's cost per frame is set by the byte
+    budget alone (every stored value is compared with every patch of a frame once).
+    """
+
+    layers: list[int] = Field(default_factory=lambda: [6])
+    """Blocks (1-based) of the original CLIP path whose patch tokens the memory compares (concatenated)."""
+    neighbourhood: int = Field(1, ge=1)
+    """Odd side of the patch neighbourhood averaged into each feature (PatchCore uses 3; 1 measured best here)."""
+    budget_bytes: int = Field(16 << 20, ge=1 << 16)
+    """Most bytes of fp16 features a line's bank holds; the greedy coreset subsamples to fit."""
+    image_top_k: int = Field(5, ge=1)
+    """Patches averaged (the highest ones) into the memory's image score."""
+    fusion_weight: float = Field(0.8, ge=0, le=1)
+    """Weight of the memory in the fused map and image score; 1 - weight goes to the zero-shot map and CLS
+    score. Both are in robust z units of normal frames before they are mixed."""
+    mutual_share: float = Field(0.5, gt=0, le=1)
+    """Mutual scoring averages a patch's distances to the closest `share` of the other frames; a defect
+    in fewer than this share of the window's frames still scores high."""
+    window_frames: int = Field(16, ge=2)
+    """Cold start: recent frames of the line a new frame is mutually scored against."""
+    min_bank_frames: int = Field(4, ge=1)
+    """Admitted frames the first bank is built from; until then frames are scored by mutual scoring."""
+    refresh_max_frames: int = Field(1000, ge=1)
+    """Admitted frames between bank refreshes once the line is warm. Before that the gap doubles from
+    `min_bank_frames` (4, 8, 16, ...), so a new line, or a 20-image evaluation class, gets banks early."""
+    admit_patch_z: float = Field(2.5, gt=0)
+    """A patch enters the bank only below this robust z against the line's normal patches (and away from
+    any patch above it); a recurring defect is never close enough to enter."""
+    admit_min_window: int = Field(8, ge=1)
+    """Cold start: a frame mutually scored against fewer frames than this adds nothing to the bank. Against
+    one to three frames a defect can find its look-alike by chance (a stain elsewhere); it takes a window
+    whose majority is normal for mutual scores to mean anything."""
+    admit_max_abnormal_share: float = Field(0.25, ge=0, le=1)
+    """Frames with a larger share of patches above `admit_patch_z` add nothing to the bank (a frame that is
+    broadly off: another product, a moved camera). Parts with much normal variation show 5-25% such patches
+    against a young bank, so the patch rule, not this one, is what keeps defects out."""
+    calibration_frames: int = Field(8, ge=1)
+    """Admitted frames whose leave-own-frame-out distances set a new bank's z scale."""
+    projection_dim: int = Field(128, ge=8)
+    """Random projection width the greedy coreset measures distances in."""
+    seed: int = 0
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if not v or any(i < 1 for i in v):
+            raise ValueError("give at least one block number; block numbers are 1-based")
+        return sorted(set(v))
+
+    @field_validator("neighbourhood")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("must be odd (a centred square of patches)")
+        return v
+
+
+class DashboardSettings(_Section):
+    """The live dashboard (`anoclip dashboard`); its access tokens come from the environment or a file, never here."""
+
+    stale_after_s: float = Field(60.0, gt=0)
+    """A line whose worker is alive but whose newest frame is older than this shows as "stale"."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Host names the dashboard answers besides IP addresses and `localhost` (a guard against DNS rebinding):
+    the name browsers use, e.g. the ingress host. `.example.com` also allows its sub-domains."""
+    guess_limit: int = Field(5, ge=1)
+    """Wrong access tokens one client may present per `guess_window_s` before it is refused unchecked (429)."""
+    guess_window_s: float = Field(60.0, gt=0)
+    defect_types: list[str] = Field(default_factory=lambda: ["scratch", "dent", "crack", "contamination",
+                                                             "missing part", "other"])
+    """Defect types offered when an operator confirms an alert (any other short name is accepted too)."""
+
+
 class Settings(BaseSettings):
     """Root of the configuration. Build it with `load_settings`."""
 
@@ -299,6 +430,8 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     tta: TTASettings = Field(default_factory=TTASettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
 
     @model_validator(mode="after")
     def _unique_lines(self) -> Settings:
@@ -330,12 +463,26 @@ class Settings(BaseSettings):
         raise UnknownLineError(f"unknown line {line_id!r} (configured lines: {known})")
 
 
+def _env_source(loc: tuple[Any, ...]) -> str | None:
+    """The `ANOCLIP_...` variable that set the value at `loc` (or a section above it), if one did."""
+    env = {k.upper() for k in os.environ}
+    names = [str(p) for p in loc]
+    for n in range(len(names), 0, -1):
+        var = "ANOCLIP_" + "__".join(names[:n]).upper()
+        if var in env:
+            return var
+    return None
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    parts = []
+    parts, from_file = [], False
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        parts.append(f"{key}: {e['msg']}")
-    return f"invalid configuration ({source}): " + "; ".join(parts)
+        var = _env_source(e["loc"])
+        from_file = from_file or var is None
+        parts.append(f"{key}: {e['msg']}" + (f" (from environment variable {var})" if var else ""))
+    where = source if from_file else "environment"
+    return f"invalid configuration ({where}): " + "; ".join(parts)
 
 
 def resolve_config_path(path: str | os.PathLike[str] | None = None) -> Path | None:

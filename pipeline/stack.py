@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline.errors import AnoclipError
+from pipeline.redaction import install_log_redaction, register_secrets, url_password
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,8 @@ def redis_answers(url: str, *, password: str | None = None, username: str | None
                   timeout_s: float = 1.0) -> bool:
     import redis
 
+    register_secrets(password, url_password(url))
+    install_log_redaction()
     try:
         client = redis.Redis.from_url(url, password=password, username=username,
                                       socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
@@ -278,9 +281,19 @@ def redis_answers(url: str, *, password: str | None = None, username: str | None
         return False
 
 
+EVICTION_POLICY = "volatile-lru"
+"""Only keys with a TTL are ever evicted: the per-frame blobs. Registry, thresholds, done markers, streams
+(bounded by MAXLEN) and labels carry no TTL, so they are never evicted (docs/operations.md, Redis memory)."""
+
+
 def start_redis(run_dir: str | os.PathLike[str], host: str, port: int, *, persist: bool = True,
+                maxmemory: str | None = None, extra_args: list[str] | None = None,
                 timeout_s: float = 20.0) -> Service:
-    """Start a private `redis-server` on host:port with its data in `run_dir` (AOF when `persist`)."""
+    """Start a private `redis-server` on host:port with its data in `run_dir` (AOF when `persist`).
+
+    `maxmemory` (e.g. `1gb`) bounds it, with eviction `volatile-lru`. `extra_args` are more redis-server
+    options (tests: TLS, ACL users); the port is then `--port` unless they set `--port 0`.
+    """
     if host not in LOCAL_HOSTS:
         raise StackError(f"the local stack only starts Redis on 127.0.0.1, not {host}")
     run = Path(run_dir).expanduser().resolve()
@@ -294,7 +307,13 @@ def start_redis(run_dir: str | os.PathLike[str], host: str, port: int, *, persis
            "--appendfilename", f"appendonly-{port}.aof", "--appenddirname", f"aof-{port}",
            "--appendonly", "yes" if persist else "no", "--appendfsync", "everysec",
            "--protected-mode", "yes", "--daemonize", "no"]
+    if maxmemory:
+        cmd += ["--maxmemory", maxmemory, "--maxmemory-policy", EVICTION_POLICY]
+    cmd += extra_args or []
     pid = _spawn(cmd, log_path, pid_file)
+    if extra_args:  # TLS or ACLs: PING as the caller would is the caller's job; the port opening is ours
+        _wait_port(host, port, pid, "redis-server", log_path, timeout_s)
+        return Service("redis", f"{host}:{port}", pid, True, True, log_path)
     end = time.monotonic() + timeout_s
     url = f"redis://{host}:{port}/0"
     while time.monotonic() < end:
@@ -345,7 +364,7 @@ def stack_up(settings: object) -> list[Service]:
         redis_svc = redis_status(rs.local_dir, rs.url, password=rs.password, username=rs.username)
     else:
         rhost, rport = redis_address(rs.url)
-        redis_svc = start_redis(rs.local_dir, rhost, rport)
+        redis_svc = start_redis(rs.local_dir, rhost, rport, maxmemory=rs.local_maxmemory)
     ensure_topics(ks)
     return [broker, redis_svc]
 

@@ -1,7 +1,8 @@
 """Worker telemetry: Prometheus series (prefix `anoclip_`) and the liveness/readiness endpoints of a worker.
 
 One HTTP server serves `/metrics`, `/healthz` (liveness: the poll loop is turning) and `/readyz`
-(readiness: model loaded, partitions assigned, Redis reachable). Orchestrators restart a worker that
+(readiness: model loaded, partitions assigned, Redis and the broker reachable; a Redis error waiting will not
+fix, such as a wrong password or Redis out of memory, is named in the body). Orchestrators restart a worker that
 is not live and route nothing to one that is not ready; a worker waiting out a Redis outage stays live
 but not ready, so it is not restarted into a crash loop.
 """
@@ -14,8 +15,14 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+disable_created_metrics()  # `_created` series double every counter and histogram and no alert or panel uses them
+
+DLQ_STAGES = ("headers", "size", "line", "decode", "inspect", "conflict")
+"""Where a frame can be refused (docs/streaming.md); known up front, so their counters start at 0."""
+TTA_OUTCOMES = ("promoted", "refused", "abandoned")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -52,6 +59,10 @@ class WorkerTelemetry:
                             registry=r)
         self.redis_up = Gauge("anoclip_redis_up", "1 if the last Redis call succeeded", registry=r)
         self.redis_errors = Counter("anoclip_redis_errors_total", "Failed Redis publish attempts", registry=r)
+        self.broker_up = Gauge("anoclip_broker_up", "1 if the last broker probe (lag) succeeded", registry=r)
+        self.frame_id_conflicts = Counter("anoclip_frame_id_conflicts_total",
+                                          "Frame ids published before with other content (dead-lettered)", ["line"],
+                                          registry=r)
         self.commits = Counter("anoclip_commits_total", "Offset commits by outcome", ["outcome"], registry=r)
         self.threshold = Gauge("anoclip_line_threshold", "Image threshold in use", ["line", "source"], registry=r)
         self.tta_runs = Counter("anoclip_tta_runs_total", "TTA refreshes by outcome", ["line", "outcome"],
@@ -60,6 +71,26 @@ class WorkerTelemetry:
                                        ["line"], registry=r)
         self.adapter_version = Gauge("anoclip_adapter_version", "1 for the adapter version in use",
                                      ["line", "version"], registry=r)
+
+    def init_lines(self, lines: list[str]) -> None:
+        """Start every per-line counter of the known lines at 0, so `rate()` and alerts see the first event."""
+        for line in lines:
+            for c in (self.frames_consumed, self.frames_scored, self.duplicates_skipped, self.alerts):
+                c.labels(line)
+            for stage in DLQ_STAGES:
+                self.frames_dead_lettered.labels(line, stage)
+            for outcome in TTA_OUTCOMES:
+                self.tta_runs.labels(line, outcome)
+            self.tta_buffer_frames.labels(line).set(0)  # an empty buffer (or TTA off) until frames are admitted
+        for outcome in ("ok", "failed"):
+            self.commits.labels(outcome)
+
+    def set_threshold(self, line: str, source: str, value: float) -> None:
+        """The line's image threshold under its one current source; other sources' series are removed, not NaN."""
+        for child in list(self.threshold._metrics):  # noqa: SLF001 - the only way to list a family's children
+            if child[0] == line and child[1] != source:
+                self.threshold.remove(*child)
+        self.threshold.labels(line, source).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -73,6 +104,10 @@ class Health:
         self.model_loaded = False
         self.partitions_assigned = False
         self.redis_ok = False
+        self.redis_problem: str | None = None
+        """A Redis error waiting will not fix (credentials, ACL, out of memory), in words; None otherwise."""
+        self.broker_ok = False
+        self.broker_problem: str | None = None
         self.stopping = False
         self._last_tick = time.monotonic()
 
@@ -87,9 +122,13 @@ class Health:
         return age < self.stall_after_s, {"poll_loop_age_s": round(age, 3)}
 
     def ready(self) -> tuple[bool, dict[str, object]]:
-        d = {"model_loaded": self.model_loaded, "partitions_assigned": self.partitions_assigned,
-             "redis": self.redis_ok, "stopping": self.stopping}
-        return all((self.model_loaded, self.partitions_assigned, self.redis_ok, not self.stopping)), d
+        d: dict[str, object] = {"model_loaded": self.model_loaded, "partitions_assigned": self.partitions_assigned,
+                                "redis": self.redis_ok, "broker": self.broker_ok, "stopping": self.stopping}
+        problems = [p for p in (self.redis_problem, self.broker_problem) if p]
+        if problems:
+            d["problems"] = problems
+        ok = all((self.model_loaded, self.partitions_assigned, self.redis_ok, self.broker_ok, not self.stopping))
+        return ok, d
 
 
 class TelemetryServer:

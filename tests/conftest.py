@@ -24,6 +24,7 @@ def make_tiny_settings(cache_dir: Path, **overrides: object) -> Settings:
             "arch": "anoclip-tiny",
             "pretrained": "none",
             "device": "cpu",
+            "precision": "fp32",  # `auto` would depend on the CPU (bf16 where native): tests must not
             "text_cache_dir": str(cache_dir),
         },
         "lines": TINY_LINES,

@@ -22,12 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 from tqdm import tqdm
 
 from pipeline.adaptation.adapter_files import TrainingMeta, build_meta, save_adapter, target_for
-from pipeline.adaptation.buffered import BufferedTTA
+from pipeline.adaptation.buffered import BufferedTTA, input_resizer
 from pipeline.errors import ConfigError, ImageError
 from pipeline.inspection.imaging import list_images, load_image
 from pipeline.inspection.inspector import Inspector
@@ -99,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
 
     files = list_images(args.paths)
     batch = settings.model.batch_size
-    scored: list[tuple[str, torch.Tensor, float, float]] = []
+    scored: list[tuple[str, torch.Tensor, float, float, tuple[int, int], np.ndarray | None]] = []
+    # the gate pastes synthetic defects into the newest held-out frames: keep the last files' images only
+    keep_from = len(files) - 4 * max(1, settings.tta.gate_positives)
+    to_input = input_resizer(inspector)
     skipped: list[str] = []
     t_score = time.perf_counter()
     with tqdm(total=len(files), desc=f"scoring {args.line}", unit="img", disable=len(files) < 2,
@@ -116,14 +120,15 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
             if images:
                 for f, raw in zip(chunk, inspector.score_raw(args.line, images), strict=True):
-                    scored.append((str(f), raw.tokens.to(torch.float16), raw.score, time.time()))
+                    image = to_input(raw.image) if raw.image is not None and len(scored) >= keep_from else None
+                    scored.append((str(f), raw.tokens.to(torch.float16), raw.score, time.time(), raw.input_hw, image))
     score_seconds = time.perf_counter() - t_score
 
     state = BufferedTTA.for_line(inspector, args.line)  # ceiling: the line's fixed image threshold, if any
-    state.buffer.prime([s for _, _, s, _ in scored])
+    state.buffer.prime([s for _, _, s, _, _, _ in scored])
     admissions = []
-    for name, tokens, score, ts in scored:
-        a = state.observe(name, tokens.float(), score, ts)
+    for name, tokens, score, ts, input_hw, image in scored:
+        a = state.observe(name, tokens.float(), score, ts, input_hw=input_hw, image=image)
         share = None if math.isnan(a.abnormal_share) else round(a.abnormal_share, 4)
         admissions.append({"image": name, "score": round(score, 6), "admitted": a.admitted, "reason": a.reason,
                            "abnormal_share": share})
@@ -131,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{n_admitted} of {len(scored)} image(s) admitted to the buffer", file=sys.stderr)
 
     with tqdm(total=state.budget.max_steps, desc=f"training {line.adapter_kind} adapter", unit="step",
-              file=sys.stderr, disable=len(scored) < 2) as bar:
+              file=sys.stderr, disable=len(scored) < 2 or n_admitted < tta.min_frames) as bar:  # no 0/100 bar
 
         def progress(step: int, loss: float) -> None:
             bar.update(1)
@@ -155,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             training_window=report.extra.get("training_window"),
             validation=report.validation,
             training=TrainingMeta.from_report(report),
+            thresholds=report.thresholds,
         )
         save_adapter(out, adapter, meta)
         report.extra.update(adapter=str(out), adapter_id=meta["id"])
@@ -162,11 +168,14 @@ def run(args: argparse.Namespace) -> int:
     report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
     if report.losses:
         plot_losses(report, png_path)
-    print(report.summary(), file=sys.stderr)
+    if report.losses:
+        print(report.summary(), file=sys.stderr)
+    else:  # nothing was trained: no step count, no "loss - -> -"
+        print(f"{report.kind} adapter not trained: {'; '.join(report.reasons) or 'no frames'}", file=sys.stderr)
     if not report.accepted:
         print(f"no adapter written to {out}; report in {report_path}", file=sys.stderr)
         return 1
-    ratio = report.seconds / score_seconds if score_seconds > 0 else float("nan")
-    print(f"adapter written to {out} (id {report.extra['adapter_id']}); report in {report_path}; "
-          f"training {report.seconds:.1f}s = {ratio:.1%} of the {score_seconds:.1f}s scoring", file=sys.stderr)
+    print(f"adapter written to {out} (id {report.extra['adapter_id']}); report in {report_path}; training took "
+          f"{report.seconds:.1f} s for {report.steps} steps, scoring the {len(scored)} image(s) {score_seconds:.1f} s",
+          file=sys.stderr)
     return 0

@@ -1,4 +1,5 @@
-"""`anoclip adapters list|show|rollback|pause|resume|refresh --line LINE`: see and steer a line's adapter.
+"""`anoclip adapters list|show|rollback|pause|resume|refresh --line LINE`: see and steer a line's adapter
+(`list` without `--line` lists every configured line).
 
 `refresh` asks the line's trainer (a running worker) to refresh now and waits for the outcome, so a
 cron job or Kubernetes CronJob can drive refreshes and read the exit code:
@@ -12,6 +13,7 @@ import json
 import sys
 
 from pipeline.adaptation.registry import AdapterRegistry, default_actor
+from pipeline.errors import AnoclipError
 from pipeline.redis_client import make_redis
 from pipeline.redis_keys import RedisKeys
 from pipeline.settings import load_settings
@@ -22,7 +24,7 @@ EXIT_TIMEOUT = 4
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "show", "rollback", "pause", "resume", "refresh"])
-    p.add_argument("--line", required=True, help="product line id")
+    p.add_argument("--line", default=None, help="product line id (list: default every configured line)")
     p.add_argument("--config", default=None, help="config file (default: $ANOCLIP_CONFIG or ./config.yaml)")
     p.add_argument("--version", default=None, help="show: which version (default current); rollback: target")
     p.add_argument("--reason", default="", help="why (kept in the audit trail)")
@@ -43,26 +45,39 @@ def _print(obj: object, as_json: bool) -> None:
         print(obj)
 
 
+def _list(reg: AdapterRegistry, line: str) -> dict[str, object]:
+    cur = reg.current(line)
+    rows = []
+    for v in reg.versions(line):
+        m = reg.meta(line, v)
+        rows.append({"version": v, "current": v == cur, "created": m.get("created"),
+                     "frames": m.get("training", {}).get("frames"), "validation": m.get("validation"),
+                     "thresholds": m.get("thresholds") or {}})
+    return {"line": line, "current": cur, "paused": reg.is_paused(line), "versions": rows}
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    settings.line(args.line)  # unknown lines fail here, naming the configured ones
+    if args.line is None and args.action != "list":
+        raise AnoclipError(f"{args.action} needs --line (one of: {', '.join(x.id for x in settings.lines)})")
+    lines = [settings.line(args.line).id] if args.line else [x.id for x in settings.lines]  # unknown lines fail here
     reg = AdapterRegistry(make_redis(settings.redis), RedisKeys(settings.redis.prefix))
     actor = default_actor()
-    line = args.line
+    line = lines[0] if lines else ""
     if args.action == "list":
-        cur = reg.current(line)
-        rows = []
-        for v in reg.versions(line):
-            m = reg.meta(line, v)
-            rows.append({"version": v, "current": v == cur, "created": m.get("created"),
-                         "frames": m.get("training", {}).get("frames"), "validation": m.get("validation")})
+        listed = [_list(reg, x) for x in lines]
         if args.json:
-            _print({"line": line, "current": cur, "paused": reg.is_paused(line), "versions": rows}, True)
-        else:
-            print(f"line {line}: current {cur or 'none (base model)'}{' [PAUSED]' if reg.is_paused(line) else ''}")
-            for r in rows:
+            _print(listed[0] if args.line else listed, True)
+            return 0
+        for d in listed:
+            cur, paused = d["current"], d["paused"]
+            print(f"line {d['line']}: current {cur or 'none (base model)'}{' [PAUSED]' if paused else ''}")
+            for r in d["versions"]:  # type: ignore[attr-defined]
                 print(f"{'*' if r['current'] else ' '} {r['version']:>6}  created {r['created']}  "
-                      f"frames {r['frames']}  validation {json.dumps(r['validation'], default=str)}")
+                      f"frames {r['frames']}  pixel threshold {r['thresholds'].get('pixel', 'of the line')}  "
+                      f"validation {json.dumps(r['validation'], default=str)}")
+        if not lines:
+            print("no lines are configured", file=sys.stderr)
         return 0
     if args.action == "show":
         version = args.version or reg.current(line)

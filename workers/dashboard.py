@@ -1,4 +1,4 @@
-"""`anoclip dashboard`: serve the live, read-only inspection dashboard.
+"""`anoclip dashboard`: serve the live inspection dashboard and its alert workflow (labels, audit).
 
 Loopback by default. To listen beyond this machine, give an access token through the environment
 (`ANOCLIP_DASHBOARD_TOKEN`) or a file (`--token-file`, e.g. a mounted Kubernetes Secret); a token on
@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import threading
 from pathlib import Path
 
 from pipeline.dashboard.server import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, DashboardServer
 from pipeline.errors import ConfigError
+from pipeline.redaction import install_log_redaction, redact_url, register_secrets
 from pipeline.settings import load_settings
 
 log = logging.getLogger("anoclip.dashboard")
@@ -27,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
     p.add_argument("--token-file", default=None,
-                   help=f"file holding the access token (else ${TOKEN_ENV}); required off loopback")
+                   help=f"file holding the access token(s) (else ${TOKEN_ENV}): a secret of 16+ characters, or "
+                        "name:secret pairs, one per line, so labels record who set them; required off loopback")
     p.add_argument("--allow-no-token", action="store_true",
                    help="listen off loopback without a token (only on a network you trust)")
     p.add_argument("--history", type=int, default=200, help="scores per line in the chart (default 200)")
@@ -52,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     store = DashboardStore(settings, history=max(10, args.history))
-    server = DashboardServer(settings, host=args.host, port=args.port, token=read_token(args.token_file),
+    token = read_token(args.token_file)
+    # the token secrets (`name:secret` pairs or one bare secret) never reach a log line, e.g. a `/?token=` URL
+    register_secrets(*(entry.partition(":")[2] or entry for entry in re.split(r"[\s,]+", token or "")))
+    install_log_redaction()
+    server = DashboardServer(settings, host=args.host, port=args.port, token=token,
                              allow_no_token=args.allow_no_token, store=store)
     stop = threading.Event()
 
@@ -63,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     server.start()
-    auth = "token required" if server.token else "no token"
-    print(f"anoclip dashboard: {server.url}/ ({auth}; Redis {settings.redis.url}, prefix {settings.redis.prefix})",
+    auth = f"token required; tokens for {', '.join(sorted(server.tokens.values()))}" if server.tokens else "no token"
+    print(f"anoclip dashboard: {server.url}/ ({auth}; Redis {redact_url(settings.redis.url)}, "
+          f"prefix {settings.redis.prefix})",
           flush=True)
     try:
         stop.wait()

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import stack
+from pipeline.dashboard.server import DEFAULT_PORT
+from pipeline.describe import describe_regions
 from pipeline.errors import AnoclipError
 from pipeline.redis_client import make_redis
 from pipeline.redis_keys import RedisKeys
@@ -80,14 +82,11 @@ def _ready(port: int) -> bool:
 
 def _fmt_alert(fields: dict[str, str]) -> str:
     regions = json.loads(fields.get("regions", "[]"))
-    where = ""
-    if regions:
-        big = regions[0]
-        where = f" largest region {big['area']} px at {big['box']}"
+    where = describe_regions(regions, int(fields.get("width") or 0), int(fields.get("height") or 0))
     truth = fields.get("synthetic_defect")
     truth_s = f"  [drawn: {truth}]" if truth else ""
-    return (f"ALERT {fields['line']:<8} frame {fields['frame_id']}  score {float(fields['score']):.3f} "
-            f"(threshold {float(fields['threshold']):.3f})  {len(regions)} region(s){where}{truth_s}")
+    return (f"ALERT {fields['line']:<8} {fields.get('camera', '')}  score {float(fields['score']):.3f} "
+            f"(threshold {float(fields['threshold']):.3f})  {where}{truth_s}  frame {fields['frame_id']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,6 +155,8 @@ def _demo(args: argparse.Namespace, settings: Settings, lines: list[str], kinds:
             return 1
         time.sleep(0.3)
     print(f"worker ready: metrics at http://127.0.0.1:{port}/metrics", flush=True)
+    print(f"watch it live: run `anoclip dashboard` in another terminal and open http://127.0.0.1:{DEFAULT_PORT}/ "
+          "(add --keep-stack here to browse and label the alerts after the demo)", flush=True)
 
     keys = RedisKeys(settings.redis.prefix)
     r = make_redis(settings.redis)
@@ -199,6 +200,10 @@ def _demo(args: argparse.Namespace, settings: Settings, lines: list[str], kinds:
             for entry_id, raw in entries:
                 streams[name] = entry_id.decode()
                 fields = {k.decode(): v.decode() for k, v in raw.items()}
+                with lock:  # only this demo's frames: others (another producer, a replay) are not counted
+                    mine = fields.get("frame_id") in sent
+                if not mine:
+                    continue
                 if name == keys.alerts_stream:
                     if fields.get("line") in lines:
                         alerts += 1
@@ -218,6 +223,8 @@ def _demo(args: argparse.Namespace, settings: Settings, lines: list[str], kinds:
           f"p99 {p99:.0f} ms", flush=True)
     print(f"results: XRANGE {keys.results_stream(lines[0])} - +   alerts: XRANGE {keys.alerts_stream} - +   "
           f"masks: GET {keys.frame('<frame-id>', 'mask')}", flush=True)
+    print(f"dashboard: `anoclip dashboard`, then http://127.0.0.1:{DEFAULT_PORT}/ (alerts, masks, labels; "
+          f"needs the stack: {'it keeps running' if args.keep_stack else 'rerun with --keep-stack'})", flush=True)
     return 0
 
 

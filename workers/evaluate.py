@@ -21,6 +21,7 @@ from pipeline.evaluation.loop import (
     check_tta,
     run_eval,
 )
+from pipeline.evaluation.memory_eval import MEMORY_MODES
 from pipeline.evaluation.metrics import AUPRO_VARIANTS, DEFAULT_MEMORY_BUDGET, as_percent
 from pipeline.settings import load_settings
 
@@ -42,6 +43,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=TTA_MODES,
         default="off",
         help="test-time adaptation: off, per_frame (paper), buffered (streaming) (default off)",
+    )
+    p.add_argument(
+        "--memory",
+        choices=MEMORY_MODES,
+        default="off",
+        help="patch memory (docs/memory.md): off = zero-shot; train = bank from the class's train/good images; "
+        "mutual = test images scored against each other; stream = causal, as a worker (default off)",
+    )
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        metavar="K",
+        help="--memory train: normal training images per class in the bank (default all)",
     )
     p.add_argument("--config", default=None, help="config file (default: $ANOCLIP_CONFIG or ./config.yaml)")
     p.add_argument(
@@ -110,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         examples=args.examples,
         memory_budget=args.memory_budget,
+        memory=args.memory,
+        shots=args.shots,
         progress=not args.no_progress,
         figures=not args.no_figures,
     )
@@ -120,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         for k in ("image_auroc", "pixel_auroc", "aupro")
         if k in m
     )
-    print(f"{report.dataset}: {len(report.classes)} classes, {len(report.records)} images; mean {summary}")
+    memory = f"; memory {args.memory}" if args.memory != "off" else ""
+    print(f"{report.dataset}: {len(report.classes)} classes, {len(report.records)} images; mean {summary}{memory}")
     if report.issues:
         print(f"{len(report.issues)} issue(s) listed in {paths[0]}", file=sys.stderr)
     print(f"report: {paths[0]}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.evaluation.synth import DEFECTS, KINDS, write_mvtec_tree, write_visa_tree
+from pipeline.evaluation.synth import DEFECTS, KINDS, recurring_count, write_mvtec_tree, write_visa_tree
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DEFECT",
         help=f"defect types, mvtec layout (default all: {' '.join(DEFECTS)})",
     )
+    p.add_argument(
+        "--recurring-defect",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="mvtec layout: add parts carrying one defect at the same place (test/recurring_<type>/), "
+        "RATE of each class's test images (e.g. 0.3; default 0 = none)",
+    )
+    p.add_argument(
+        "--recurring-type",
+        choices=DEFECTS,
+        default="stain",
+        help="the recurring defect's type (default stain)",
+    )
     p.add_argument("--size", type=int, default=256, help="image height in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same arguments give identical files (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,10 +69,17 @@ def run(args: argparse.Namespace) -> int:
     if args.size < 16:
         print("anoclip synth: --size must be at least 16", file=sys.stderr)
         return 2
+    if not 0.0 <= args.recurring_defect < 1.0:
+        print("anoclip synth: --recurring-defect must be in [0, 1)", file=sys.stderr)
+        return 2
+    if args.recurring_defect and args.layout != "mvtec":
+        print("anoclip synth: --recurring-defect is for the mvtec layout", file=sys.stderr)
+        return 2
     out = Path(args.out)
     classes = list(dict.fromkeys(args.classes))
     if args.layout == "mvtec":
-        per_class = args.n_train + args.n_good + args.n_defect * len(args.defects)
+        n_test = args.n_good + args.n_defect * len(args.defects)
+        per_class = args.n_train + n_test + recurring_count(args.recurring_defect, n_test)
     else:
         per_class = args.n_train + args.n_good + args.n_defect
     with tqdm(
@@ -78,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
                 args.seed,
                 defects=args.defects,
                 n_train=args.n_train,
+                recurring=args.recurring_defect,
+                recurring_defect=args.recurring_type,
                 progress=bar.update,
             )
         else:

@@ -30,9 +30,29 @@ if [ "$DEV" = 1 ]; then
       echo "[setup] WARNING: chromium/chromedriver missing; the dashboard browser test will fail" >&2
     fi
   fi
+  # Camera tests: ffmpeg serves an MJPEG stream; GStreamer's RTSP server (system python3 + gi) an RTSP one.
+  if ! command -v ffmpeg >/dev/null 2>&1 || ! /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "[setup] installing ffmpeg + GStreamer RTSP server (camera tests)"
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 \
+        gstreamer1.0-plugins-base gstreamer1.0-plugins-good >/dev/null
+    else
+      echo "[setup] WARNING: ffmpeg or the GStreamer RTSP server missing; the camera tests will fail" >&2
+    fi
+  fi
 else
   echo "[setup] installing anoclip"
   pip install -q -e .
+fi
+if [ "$DEV" = 1 ] && ! command -v openssl >/dev/null 2>&1; then  # the TLS tests make their certificates
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing openssl (TLS tests)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+  else
+    echo "[setup] WARNING: openssl missing; the Redis/Kafka TLS tests will fail" >&2
+  fi
 fi
 command -v redis-server >/dev/null 2>&1 || echo "[setup] note: redis-server not found; 'anoclip stack up' needs Redis reachable or redis-server installed" >&2
 echo "[setup] done: . .venv/bin/activate && anoclip --help"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -100,8 +101,10 @@ def build_meta(
     validation: dict[str, Any] | None = None,
     training: TrainingMeta | None = None,
     created: str | None = None,
+    thresholds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The metadata stored with an adapter (JSON-ready)."""
+    """The metadata stored with an adapter (JSON-ready). `thresholds`: the adapter's own image/pixel thresholds,
+    calibrated on its held-out frames (`TrainingReport.thresholds`); whoever serves it judges with them."""
     if adapter.stack is not None:
         raise ValueError("save one adapter at a time (use adapter.unstack(i))")
     return {
@@ -121,7 +124,13 @@ def build_meta(
         "training_window": training_window or {},
         "validation": validation or {},
         "training": training.to_dict() if training is not None else {},
+        "thresholds": _json_ready(thresholds or {}),
     }
+
+
+def _json_ready(d: dict[str, Any]) -> dict[str, Any]:
+    """Non-finite floats become None (JSON has no NaN)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
 
 
 def to_bytes(adapter: ResidualAdapter, meta: dict[str, Any]) -> bytes:

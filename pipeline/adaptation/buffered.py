@@ -7,9 +7,17 @@
 * `replay_buffered` — run a finite stream through exactly that logic, causally: each frame is scored
   with the adapter trained on frames before it.
 * `eval_scorer(mode, inspector, settings)` — what `pipeline.evaluation.loop.make_scorer` calls:
-  `per_frame` and `buffered` scorers with `begin_class` / `score` / `end_class`.
+  `per_frame` and `buffered` scorers with `begin_class` / `score` / `end_class`. The buffered one scales
+  its refresh cadence to the class (`expect_frames`), reports its refreshes per class (`adaptation`) and
+  raises `BufferedTTAError` when none ran, so a report never claims an adaptation that did not happen.
 
-Pure torch TTA lives in `pipeline.model.self_training`; this module only wires it to lines and settings.
+The gate's labelled frames are made here: synthetic defects (`pipeline.adaptation.synthetic`) pasted
+into the newest held-out frames, plus operators' labels: confirmed defects with their mask (positives) and
+false alarms (all-normal frames, whose pixels count as normal in the gate's AUROC and contrast, so a
+candidate that raises them looks worse), all scored with the base model at each refresh. The worker's
+`AdapterService` hands the newest labels from Redis to `set_operator_frames` before each refresh;
+`add_labelled` / `add_labelled_normal` add frames by hand (replay, evaluation, tests). Pure torch TTA lives
+in `pipeline.model.self_training`.
 """
 
 from __future__ import annotations
@@ -17,16 +25,21 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+import zlib
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.adaptation.adapter_files import adapter_id
+from pipeline.adaptation.synthetic import synthetic_anomaly
 from pipeline.adaptation.token_buffer import TokenBuffer
+from pipeline.errors import AnoclipError
+from pipeline.inspection.imaging import model_input_size
 from pipeline.inspection.inspector import Inspector, RawScore
 from pipeline.model.adapters import ResidualAdapter
 from pipeline.model.self_training import (
@@ -34,13 +47,67 @@ from pipeline.model.self_training import (
     AdmissionRule,
     BufferedBudget,
     GateRule,
+    LabelledFrame,
+    MapFn,
     TrainingReport,
     TTAParams,
+    holdout_count,
     patch_scores,
     refresh_adapter,
+    stream_seed,
 )
 from pipeline.model.text import TextFeatures
 from pipeline.settings import Settings, TTASettings
+
+ScoreFn = Callable[[list[np.ndarray]], list[RawScore]]
+"""Score frames with the line's *base* model (no adapter): what the gate's positives are scored with."""
+
+LABELLED_MAX = 64
+"""Frames added by hand (`add_labelled`, `add_labelled_normal`) a line keeps for its gate (oldest out first)."""
+FALSE_ALARM_SOURCE = "false_alarm"
+"""`LabelledFrame.source` of an operator's false alarm: a frame whose every pixel is labelled normal."""
+
+
+class BufferedTTAError(AnoclipError):
+    """Buffered TTA cannot do what was asked, e.g. an evaluation in which no refresh ran."""
+
+
+def model_map_fn(inspector: Inspector, text: TextFeatures) -> MapFn:
+    """A frame's map from its raw tokens exactly as the scorer builds it (`AnoCLIP.maps_from_tokens`)."""
+    model = inspector.model
+
+    def fn(tokens: torch.Tensor, hw: tuple[int, int] | None, adapter: Callable | None) -> torch.Tensor:
+        t = tokens.to(text.class_embeddings.device, torch.float32)
+        if t.ndim == 3:  # (n_layers, P, C): one tile
+            t = t[None]
+        if hw is None:
+            if t.shape[0] != 1:
+                raise ValueError(f"a frame of {t.shape[0]} tiles needs its input size to rebuild its map")
+            hw = (model.image_size, model.image_size)
+        with torch.no_grad():
+            return model.maps_from_tokens(t[None], text, tuple(hw), adapter)[0]
+
+    return fn
+
+
+def input_resizer(inspector: Inspector) -> Callable[[np.ndarray], np.ndarray]:
+    """Resize a frame to its model input size (what the buffer keeps for the gate's pasted defects)."""
+    size, mode = inspector.model.image_size, inspector.settings.model.resize
+
+    def fn(image: np.ndarray) -> np.ndarray:
+        h, w = model_input_size(image.shape[0], image.shape[1], size, mode)
+        if (h, w) == image.shape[:2]:
+            return np.ascontiguousarray(image)
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+    return fn
+
+
+def _mask_to(mask: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != hw:
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((hw[1], hw[0]), Image.NEAREST)) > 127
+    return torch.from_numpy(np.ascontiguousarray(m))
 
 
 def admission_ceiling(inspector: Inspector, line_id: str) -> float | None:
@@ -50,7 +117,7 @@ def admission_ceiling(inspector: Inspector, line_id: str) -> float | None:
     if cfg is not None:
         return cfg
     th = inspector.thresholds(line_id)
-    return th.image if th.source != "default" else None
+    return th.image if th.image_source != "default" else None
 
 
 class BufferedTTA:
@@ -65,7 +132,15 @@ class BufferedTTA:
         *,
         temperature: float = 1.0,
         max_image_score: float | None = None,
+        score_fn: ScoreFn | None = None,
+        map_fn: MapFn | None = None,
+        to_input: Callable[[np.ndarray], np.ndarray] | None = None,
+        quantiles: tuple[float, float] = (0.99, 0.999),
     ) -> None:
+        """`score_fn` scores frames with the base model (for the gate's pasted positives; without it the gate
+        judges on held-out frames only); `map_fn` rebuilds a frame's map from its tokens (default: token grid);
+        `to_input` resizes a frame to its model input size; `quantiles`: (image, pixel) of the line's
+        calibration, used for each candidate's own thresholds."""
         self.line_id = line_id
         self.text = text
         self.kind = kind
@@ -79,9 +154,21 @@ class BufferedTTA:
             AdmissionRule.from_settings(settings, max_image_score),
             max_frames=settings.buffer_frames,
             max_bytes=settings.buffer_bytes,
+            max_images=settings.gate_positives if score_fn is not None else 0,
         )
+        self.score_fn = score_fn
+        self.map_fn = map_fn
+        self.to_input = to_input
+        self.quantiles = quantiles
+        self.labelled: deque[tuple[np.ndarray, np.ndarray, str]] = deque(maxlen=LABELLED_MAX)
+        """Frames added by hand (image, defect mask, source) that join every refresh's gate."""
+        self.operator: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
+        """Operators' labelled frames by frame id (image, mask, source), replaced before each refresh
+        (`set_operator_frames`), so a frame counts once however many refreshes it sees."""
         self.current: ResidualAdapter | None = None
         self.version: str | None = None
+        self.thresholds: dict[str, Any] | None = None
+        """The serving version's own thresholds (None: the base model's, i.e. the line's)."""
         self.reports: deque[TrainingReport] = deque(maxlen=100)
         """The most recent refresh reports (bounded: a stream runs for months)."""
         self._since_refresh = 0
@@ -90,14 +177,21 @@ class BufferedTTA:
 
     @classmethod
     def for_line(cls, inspector: Inspector, line_id: str) -> BufferedTTA:
-        """State for a line as the Inspector serves it (its text features, adapter kind, thresholds)."""
+        """State for a line as the Inspector serves it (its text features, adapter kind, thresholds), with
+        the gate's positives scored by the Inspector's base model and maps built as the scorer builds them."""
+        text = inspector.prepare_line(line_id)
+        th = inspector.line(line_id).threshold
         return cls(
             line_id,
-            inspector.prepare_line(line_id),
+            text,
             inspector.line(line_id).adapter_kind,
             inspector.settings.tta,
             temperature=inspector.model.temperature,
             max_image_score=admission_ceiling(inspector, line_id),
+            score_fn=lambda images: inspector.score_raw(line_id, images),
+            map_fn=model_map_fn(inspector, text),
+            to_input=input_resizer(inspector),
+            quantiles=(th.quantile, th.pixel_quantile),
         )
 
     def set_ceiling(self, max_image_score: float | None) -> None:
@@ -112,14 +206,24 @@ class BufferedTTA:
         image_score: float,
         timestamp: float | None = None,
         score_seconds: float | None = None,
+        *,
+        input_hw: tuple[int, int] | None = None,
+        image: np.ndarray | None = None,
     ) -> Admission:
         """Offer a scored frame's raw tokens (`RawScore.tokens`) to the buffer; judged with the base model.
 
         `score_seconds`: what scoring this frame cost; the next refresh trains at most `train_share` of
         the sum (plus the absolute `train_seconds` cap). Without it only `train_seconds` applies.
+        `input_hw` (`RawScore.input_hw`) and `image` (the frame) let the gate rebuild maps and paste
+        synthetic defects into the newest admitted frames.
         """
         scores = patch_scores(tokens, self.text, None, self.temperature)
-        decision = self.buffer.offer(frame_id, tokens, image_score, scores, timestamp)
+        keep: np.ndarray | Callable[[], np.ndarray] | None = None
+        if image is not None and self.buffer.max_images:
+            resize = self.to_input
+            keep = image if resize is None else (lambda: resize(image))  # resized only if admitted
+        decision = self.buffer.offer(frame_id, tokens, image_score, scores, timestamp, input_hw=input_hw,
+                                     image=keep)
         with self._lock:
             self._since_refresh += 1
             self._scoring_seconds += float(score_seconds or 0.0)
@@ -148,6 +252,44 @@ class BufferedTTA:
         """A refresh is due: `refresh_every` frames offered since the last one and enough admitted."""
         return self._since_refresh >= self.settings.refresh_every and len(self.buffer) >= self.settings.min_frames
 
+    def add_labelled(self, image: np.ndarray, mask: np.ndarray, source: str = "operator") -> None:
+        """A frame with a confirmed defect and its mask joins the gate's labelled positives at every later
+        refresh (scored with the base model then)."""
+        self.labelled.append(_labelled_item(image, mask, source))
+
+    def add_labelled_normal(self, image: np.ndarray, source: str = FALSE_ALARM_SOURCE) -> None:
+        """A frame known to be normal (an operator's false alarm) joins every later refresh's gate: all its
+        pixels count as normal, so a candidate that raises its scores loses pixel AUROC and contrast."""
+        self.labelled.append(_labelled_item(image, None, source))
+
+    def set_operator_frames(self, frames: Iterable[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
+        """Replace the operators' frames of the next refreshes: (frame id, image, defect mask), mask None for a
+        false alarm. Replacing, not adding, keeps each frame once and follows relabels and deletions."""
+        items = {fid: _labelled_item(image, mask, "operator" if mask is not None else FALSE_ALARM_SOURCE)
+                 for fid, image, mask in frames}
+        with self._lock:
+            self.operator = items
+
+    def make_positives(self, frame_ids: list[str], images: dict[str, np.ndarray]) -> list[LabelledFrame]:
+        """The gate's labelled frames: a synthetic defect pasted into each held-out frame whose image is kept
+        (newest `gate_positives`), plus the labelled frames (defects and false alarms), scored with the base
+        model."""
+        if self.score_fn is None:
+            return []
+        pasted = []
+        for fid in [f for f in frame_ids if f in images][-self.settings.gate_positives :]:
+            seed = stream_seed(self.params.seed, zlib.crc32(fid.encode()))
+            a = synthetic_anomaly(images[fid], seed)
+            pasted.append((a.image, a.mask, "synthetic"))
+        with self._lock:
+            operator = list(self.operator.values())
+        items = pasted + list(self.labelled) + operator
+        if not items:
+            return []
+        raws = self.score_fn([im for im, _, _ in items])
+        return [LabelledFrame(r.tokens, _mask_to(m, r.input_hw), src)
+                for r, (_, m, src) in zip(raws, items, strict=True)]
+
     def train_candidate(
         self,
         progress: Callable[[int, float], None] | None = None,
@@ -163,40 +305,78 @@ class BufferedTTA:
         admission = self.buffer.stats()
         frames, window = None, self.buffer.window()
         if len(self.buffer):
-            frames, window = self.buffer.snapshot_with_window(self.text.class_embeddings.device)
+            frames, window, ids, images = self.buffer.snapshot_full(self.text.class_embeddings.device)
+        serving, base_version = self.current, self.version
+        positives: list[LabelledFrame] = []
         if frames is None:
             adapter, report = refresh_adapter_empty(self.kind, self.params, budget, self.gate)
         else:
+            t0 = time.perf_counter()
+            if frames.n_frames >= max(2, self.settings.min_frames):
+                val_ids = ids[len(ids) - holdout_count(len(ids), self.settings.holdout):]
+                positives = self.make_positives(val_ids, images)
+            positives_s = time.perf_counter() - t0
             adapter, report = refresh_adapter(
                 frames, self.text, self.kind, self.params, budget, self.gate,
                 holdout=self.settings.holdout, min_frames=self.settings.min_frames,
-                temperature=self.temperature, progress=progress,
+                temperature=self.temperature, progress=progress, serving=serving, positives=positives,
+                map_fn=self.map_fn, quantiles=self.quantiles,
             )
+            report.gate_seconds += positives_s
         report.extra.update(line=self.line_id, training_window=window, admission=admission,
-                            base_version=self.version)
+                            base_version=base_version,
+                            positives=positive_counts(positives))
         if adapter is not None:
             report.extra["candidate_id"] = adapter_id(adapter)
         self.reports.append(report)
         return adapter, report
 
-    def promote(self, adapter: ResidualAdapter, version: str | None = None) -> str:
-        """Serve `adapter` from now on (call only for accepted candidates)."""
+    def promote(
+        self, adapter: ResidualAdapter, version: str | None = None, thresholds: dict[str, Any] | None = None
+    ) -> str:
+        """Serve `adapter`, with its own `thresholds`, from now on (call only for accepted candidates)."""
         with self._lock:
             self.current = adapter
             self.version = version or f"local-{adapter_id(adapter)}"
+            self.thresholds = thresholds
             return self.version
 
-    def serve(self, adapter: ResidualAdapter | None, version: str | None) -> None:
+    def serve(
+        self, adapter: ResidualAdapter | None, version: str | None, thresholds: dict[str, Any] | None = None
+    ) -> None:
         """Serve a version loaded from elsewhere (the registry); None goes back to the base model."""
         with self._lock:
-            self.current, self.version = adapter, version
+            self.current, self.version, self.thresholds = adapter, version, thresholds
 
     def refresh(self, progress: Callable[[int, float], None] | None = None, timed: bool = True) -> TrainingReport:
         """Train, gate and, if accepted, promote locally (single-process use: replay, eval, CLI)."""
         adapter, report = self.train_candidate(progress, timed)
         if adapter is not None and report.accepted:
-            report.extra["version"] = self.promote(adapter)
+            report.extra["version"] = self.promote(adapter, thresholds=report.thresholds or None)
         return report
+
+
+def positive_counts(frames: Iterable[LabelledFrame]) -> dict[str, int]:
+    """The gate's labelled frames by source: synthetic and operator-confirmed defects, false alarms."""
+    n = Counter(f.source for f in frames)
+    labelled = sum(v for k, v in n.items() if k not in ("synthetic", FALSE_ALARM_SOURCE))
+    return {"synthetic": n["synthetic"], "operator": labelled, FALSE_ALARM_SOURCE: n[FALSE_ALARM_SOURCE]}
+
+
+def _labelled_item(image: np.ndarray, mask: np.ndarray | None, source: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(image, bool mask, source) for the gate; a defect needs a non-empty mask, a normal frame (mask None) gets
+    an empty one."""
+    if image.ndim != 3:
+        raise ValueError(f"a labelled frame needs an HxWx3 image, got {image.shape}")
+    if mask is None:
+        return image, np.zeros(image.shape[:2], bool), source
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"a labelled frame needs an HxWx3 image and an HxW mask, got {image.shape} and "
+                         f"{mask.shape}")
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        raise ValueError("a labelled frame needs a non-empty defect mask")
+    return image, m, source
 
 
 def refresh_adapter_empty(
@@ -254,7 +434,8 @@ def replay_buffered(
         raws = inspector.score_raw(line_id, batch, adapter=st.current)
         steps = []
         for raw in raws:
-            admission = st.observe(f"replay-{n}", raw.tokens, raw.score, score_seconds=_score_seconds(raw))
+            admission = st.observe(f"replay-{n}", raw.tokens, raw.score, score_seconds=_score_seconds(raw),
+                                   input_hw=raw.input_hw, image=raw.image)
             steps.append(ReplayStep(raw, version, admission, None))
             n += 1
         if st.due:
@@ -292,8 +473,33 @@ class PerFrameScorer:
         return None
 
 
+EVAL_REFRESHES = 3
+"""Refreshes an evaluation plans per class: after 1/4, 1/2 and 3/4 of its frames (never after the last)."""
+EVAL_MIN_FRAMES = 4
+"""The fewest admitted frames an evaluation refresh trains on (3 to train, 1 held out)."""
+
+
+def eval_schedule(n_frames: int, settings: TTASettings) -> tuple[int, int]:
+    """(refresh_every, min_frames) for a class of `n_frames`: dataset classes hold 40-500 frames, far fewer
+    than a stream's defaults (500 between refreshes, 50 admitted), which would never refresh there.
+
+    refresh_every = min(tta.refresh_every, ceil(n / (EVAL_REFRESHES + 1))): refreshes after each quarter;
+    min_frames = min(tta.min_frames, max(EVAL_MIN_FRAMES, refresh_every // 2)).
+    """
+    every = min(settings.refresh_every, max(1, math.ceil(n_frames / (EVAL_REFRESHES + 1))))
+    return every, min(settings.min_frames, max(EVAL_MIN_FRAMES, every // 2))
+
+
 class BufferedScorer:
-    """`--tta buffered`: a fresh `BufferedTTA` per class, fed the class's frames in stream order."""
+    """`--tta buffered`: a fresh `BufferedTTA` per class, fed the class's frames in stream order, causally.
+
+    The refresh cadence is scaled to the class (`expect_frames`, see `eval_schedule`); a refresh runs right
+    after the frame that made it due, and the maps of the batch's later frames are rebuilt from their
+    (pre-adapter) tokens with what it promoted, so batches, and image scores, stay those of `--tta off`.
+    `adaptation[line]` says what happened per class (refreshes, promotions, reasons, schedule, admission);
+    `end_class` raises `BufferedTTAError` when no refresh ran, so a report never claims an adaptation that
+    did not happen.
+    """
 
     name = "buffered"
 
@@ -301,11 +507,25 @@ class BufferedScorer:
         self.inspector = inspector
         self.state: BufferedTTA | None = None
         self.reports: dict[str, list[TrainingReport]] = {}
+        self.adaptation: dict[str, dict[str, Any]] = {}
         self._n = 0
+        self._expected: int | None = None
+        self._refreshed_after: list[int] = []
 
     def begin_class(self, line_id: str) -> None:
         self.state = BufferedTTA.for_line(self.inspector, line_id)
         self._n = 0
+        self._expected = None
+        self._refreshed_after = []
+
+    def expect_frames(self, line_id: str, n_frames: int) -> None:
+        """The class's size, known before its first frame: scale the refresh cadence to it."""
+        if self.state is None or self.state.line_id != line_id:
+            self.begin_class(line_id)
+        assert self.state is not None
+        every, min_frames = eval_schedule(n_frames, self.state.settings)
+        self.state.settings = self.state.settings.model_copy(update={"refresh_every": every, "min_frames": min_frames})
+        self._expected = n_frames
 
     def score(self, line_id: str, images: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
         st = self.state
@@ -314,17 +534,56 @@ class BufferedScorer:
             st = self.state
         assert st is not None
         raws = self.inspector.score_raw(line_id, images, adapter=st.current)
+        version = st.version
+        out: list[tuple[float, np.ndarray]] = []
         for raw in raws:
-            st.observe(f"{line_id}-{self._n}", raw.tokens, raw.score, time.time(), _score_seconds(raw))
+            amap = raw.anomaly_map
+            if st.version != version:  # promoted mid-batch: this frame's map comes from the new adapter
+                assert st.map_fn is not None
+                amap = st.map_fn(raw.tokens, raw.input_hw, st.current).cpu()
+            out.append((raw.score, amap.numpy()))
+            st.observe(f"{line_id}-{self._n}", raw.tokens, raw.score, time.time(), _score_seconds(raw),
+                       input_hw=raw.input_hw, image=raw.image)
             self._n += 1
-        if st.due:
-            st.refresh(timed=False)  # the full step budget: evaluation results must not depend on host load
-        return [(r.score, r.anomaly_map.numpy()) for r in raws]
+            frames_left = self._expected is None or self._n < self._expected
+            if st.due and frames_left:
+                st.refresh(timed=False)  # the full step budget: evaluation results must not depend on host load
+                self._refreshed_after.append(self._n)
+        return out
 
     def end_class(self, line_id: str) -> None:
-        if self.state is not None:
-            self.reports[line_id] = list(self.state.reports)
+        st = self.state
         self.state = None
+        if st is None:
+            return
+        reports = list(st.reports)
+        self.reports[line_id] = reports
+        stats = st.buffer.stats()
+        summary = {
+            "mode": "buffered",
+            "refreshes": len(reports),
+            "promoted": sum(r.accepted for r in reports),
+            "refused": sum(not r.accepted for r in reports),
+            "outcomes": [
+                {"after_frame": n, "accepted": r.accepted, "reasons": r.reasons, "steps": r.steps,
+                 "frames_train": r.frames_train, "frames_val": r.frames_val,
+                 "positives": r.extra.get("positives", {}),
+                 **{k: r.validation[k] for k in ("pixel_auroc_candidate", "pixel_auroc_serving", "contrast_ratio")
+                    if k in r.validation},
+                 "thresholds": r.thresholds}
+                for n, r in zip(self._refreshed_after, reports, strict=False)
+            ],
+            "schedule": {"frames": self._n, "refresh_every": st.settings.refresh_every,
+                         "min_frames": st.settings.min_frames},
+            "admission": stats,
+        }
+        self.adaptation[line_id] = summary
+        if not reports:
+            raise BufferedTTAError(
+                f"buffered TTA on line {line_id!r}: no refresh ran ({self._n} frames offered, "
+                f"{stats.get('admitted', 0)} admitted; a refresh needs {st.settings.min_frames} admitted frames "
+                f"and {st.settings.refresh_every} offered, with frames left to serve). The report would claim an "
+                "adaptation that did not happen: evaluate with --tta off, or a larger class.")
 
 
 def eval_scorer(mode: str, inspector: Inspector, settings: Settings | None = None) -> PerFrameScorer | BufferedScorer:
@@ -337,6 +596,9 @@ def eval_scorer(mode: str, inspector: Inspector, settings: Settings | None = Non
 
 
 def report_figures(report: TrainingReport) -> dict[str, Any]:
-    """A short dict for logs and audit entries."""
+    """A short dict for logs and audit entries: the gate's figures (held-out frames, labelled positives:
+    the candidate's and the serving version's pixel AUROC and contrast), the candidate's own thresholds and
+    the admission counts behind its buffer."""
     return {"accepted": report.accepted, "reasons": report.reasons, "steps": report.steps,
-            "seconds": round(report.seconds, 3), "validation": report.validation}
+            "seconds": round(report.seconds, 3), "validation": report.validation, "thresholds": report.thresholds,
+            "admission": report.extra.get("admission", {}), "positives": report.extra.get("positives", {})}

@@ -102,9 +102,13 @@ class AdapterRegistry:
         reason: str,
         base_version: str | None,
         request_id: str | None = None,
+        audit: dict[str, Any] | None = None,
     ) -> PromotionResult:
         """Store a new immutable version and make it current, unless the line was paused or its
-        current adapter moved (e.g. a rollback) since training started from `base_version`."""
+        current adapter moved (e.g. a rollback) since training started from `base_version`.
+
+        The promotion's audit entry records the gate's figures (`validation`), the version's own
+        `thresholds` and `audit` (e.g. the admission counts behind the training buffer)."""
         k = self.keys
         cur_key, paused_key = k.adapter_current(line), k.adapter_paused(line)
         with self.client.pipeline(transaction=True) as pipe:
@@ -132,7 +136,8 @@ class AdapterRegistry:
                     pipe.xadd(
                         k.adapter_audit(line),
                         self._audit_fields("promote", actor, reason, version=version, from_version=cur or "",
-                                           request_id=request_id, validation=meta.get("validation")),
+                                           request_id=request_id, validation=meta.get("validation"),
+                                           thresholds=meta.get("thresholds") or None, **(audit or {})),
                         maxlen=AUDIT_MAXLEN,
                         approximate=True,
                     )

@@ -2,7 +2,9 @@
 
 * Serving: every `trainer_poll_s` the service reads each line's `current` pointer in the registry and,
   when it moved (a promotion by any worker, a rollback), loads that version and swaps it in between
-  batches. `adapter_for(line)` is a lock-free read of (adapter, version); results name that version.
+  batches, together with the thresholds it carries (calibrated on its held-out frames; the line's
+  `LineThresholds` judges each frame with the thresholds of the version that scored it, manual
+  overrides still win). `adapter_for(line)` is a lock-free read of (adapter, version); results name it.
 * Buffering: `observe` offers each scored frame's raw tokens to the line's `BufferedTTA` (admission
   judged with the base model).
 * Refreshing: a trainer thread, off the poll and scoring threads, trains when a refresh is due (every
@@ -10,21 +12,34 @@
   per-line Redis lock so one worker trains per line. The training budget is a share of the scoring
   time (`train_share`). Accepted candidates are published through the registry, which refuses them if
   the line was paused or rolled back meanwhile; refusals are recorded with their reasons.
+* Operator labels: before each refresh the line's newest `gate_max_labelled` confirmed defects (kept image
+  and a mask the operator endorsed) and as many false alarms (kept image) are read from Redis
+  (`LabelStore.newest`) and handed to the gate (`BufferedTTA.set_operator_frames`): the defects as
+  labelled positives, the false alarms as all-normal frames. Decoded frames are cached by (frame, label,
+  labelled time), so each is read once and a relabel replaces it. The audit entry's `positives` counts them.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
+import redis
+from PIL import Image
 
 from pipeline.adaptation.adapter_files import TrainingMeta, build_meta, from_bytes, target_for, to_bytes
 from pipeline.adaptation.buffered import BufferedTTA, admission_ceiling, report_figures
 from pipeline.adaptation.registry import AdapterRegistry, TrainerLock
-from pipeline.errors import AdapterMismatchError
+from pipeline.errors import AdapterMismatchError, ImageError
+from pipeline.inspection.imaging import decode_image
 from pipeline.inspection.inspector import Inspector, RawScore
+from pipeline.labels import CONFIRMED, FALSE_ALARM, AlertLabel, LabelStore
 from pipeline.model.self_training import BufferedBudget, TTAParams
 from pipeline.telemetry import WorkerTelemetry
 
@@ -41,6 +56,89 @@ class _LineState:
     pending: dict[str, float] = field(default_factory=dict)
     """Refresh request id -> when it was made (epoch seconds), until answered."""
     bad_versions: set[str] = field(default_factory=set)
+    labels: dict[LabelKey, LabelledImage | None] = field(default_factory=dict)
+    """Operator-labelled frames as last decoded (None: unusable), kept while the label stays among the newest."""
+
+
+LabelKey = tuple[str, str, int]
+"""(frame id, label, labelled time): a relabel is a new key."""
+LabelledImage = tuple[np.ndarray, np.ndarray | None]
+"""(image at model input size, defect mask or None for a false alarm)."""
+
+
+class LabelReader(Protocol):
+    """What the gate reads of `pipeline.labels.LabelStore`."""
+
+    def newest(self, line: str, label: str, *, limit: int,
+               where: Callable[[AlertLabel], bool] | None = None) -> list[AlertLabel]: ...
+
+    def blob(self, frame_id: str, kind: str) -> bytes | None: ...
+
+
+def _usable_defect(lab: AlertLabel) -> bool:
+    # the kept mask is the model's own: ground truth only where the operator said it outlines the defect
+    return lab.has_image and lab.has_mask and lab.mask_is_defect
+
+
+def _usable_false_alarm(lab: AlertLabel) -> bool:
+    return lab.has_image
+
+
+def _decode_label(store: LabelReader, lab: AlertLabel,
+                  to_input: Callable[[np.ndarray], np.ndarray] | None) -> LabelledImage | None:
+    """A labelled frame as the gate takes it; None when its image or mask is gone or empty."""
+    data = store.blob(lab.frame_id, "image")
+    if data is None:
+        return None
+    image = decode_image(data)
+    if to_input is not None:
+        image = to_input(image)  # what the buffer keeps too: the model input size, not the camera's
+    if lab.label != CONFIRMED:
+        return image, None
+    mdata = store.blob(lab.frame_id, "mask")
+    if mdata is None:
+        return None
+    with Image.open(io.BytesIO(mdata)) as im:
+        m = im.convert("L")
+        if m.size != (image.shape[1], image.shape[0]):
+            m = m.resize((image.shape[1], image.shape[0]), Image.NEAREST)
+        mask = np.asarray(m) > 127
+    return (image, mask) if mask.any() else None
+
+
+def operator_frames(
+    store: LabelReader,
+    line: str,
+    limit: int,
+    cache: dict[LabelKey, LabelledImage | None],
+    to_input: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """The line's newest `limit` usable confirmed defects and `limit` false alarms as (frame id, image, mask or
+    None), oldest first. Decodes only frames not in `cache` and leaves in it only the ones returned now, so a
+    frame costs one read however many refreshes it joins and memory stays bounded by 2 x `limit`."""
+    if limit <= 0:
+        cache.clear()
+        return []
+    labs = [*store.newest(line, CONFIRMED, limit=limit, where=_usable_defect),
+            *store.newest(line, FALSE_ALARM, limit=limit, where=_usable_false_alarm)]
+    keep: dict[LabelKey, LabelledImage | None] = {}
+    out = []
+    for lab in sorted(labs, key=lambda x: (x.alert_ts_ms, x.frame_id)):
+        key = (lab.frame_id, lab.label, lab.labelled_ms)
+        if key in cache:
+            item = cache[key]
+        else:
+            try:
+                item = _decode_label(store, lab, to_input)
+            except (ImageError, OSError, ValueError) as e:  # one bad blob must not cost the refresh
+                log.warning("line %s: labelled frame %s left out of the gate: %s", line, lab.frame_id, e)
+                item = None
+        keep[key] = item
+        if item is not None:
+            out.append((lab.frame_id, item[0], item[1]))
+    cache.clear()
+    cache.update(keep)
+    return out
 
 
 class AdapterService:
@@ -59,6 +157,7 @@ class AdapterService:
         self.settings = inspector.settings.tta
         self.worker_id = worker_id
         self.telemetry = telemetry
+        self.labels = LabelStore(registry.client, registry.keys)
         self.compute_dtype = TTAParams.from_settings(self.settings).compute_dtype
         self.lines: dict[str, _LineState] = {
             line: _LineState(BufferedTTA.for_line(inspector, line)) for line in lines
@@ -82,24 +181,29 @@ class AdapterService:
         version = self.registry.current(line)
         if version == st.serving[1] or version in st.bad_versions:
             return False
+        thresholds: dict[str, Any] | None = None
         if version is None:
             adapter = None
         else:
             try:
-                adapter, _ = from_bytes(self.registry.tensors(line, version), target_for(self.inspector, line),
-                                        st.tta.text, self.compute_dtype)
+                adapter, meta = from_bytes(self.registry.tensors(line, version), target_for(self.inspector, line),
+                                           st.tta.text, self.compute_dtype)
             except (AdapterMismatchError, KeyError) as e:
                 # Keep serving what we have; a bad version must not take the line down.
                 st.bad_versions.add(version)
                 log.error("line %s: adapter %s cannot be served here: %s", line, version, e)
                 return False
+            thresholds = meta.get("thresholds") or None
         previous = st.serving[1]
+        # thresholds first: a frame judged as `version` must find that version's thresholds
+        self.inspector.thresholds(line).set_version(version, thresholds)
         st.serving = (adapter, version)
-        st.tta.serve(adapter, version)
+        st.tta.serve(adapter, version, thresholds)
         if self.telemetry is not None:
             self.telemetry.adapter_version.labels(line, previous or "base").set(0)
             self.telemetry.adapter_version.labels(line, version or "base").set(1)
-        log.info("line %s: now serving adapter %s", line, version or "none (base model)")
+        log.info("line %s: now serving adapter %s (thresholds %s)", line, version or "none (base model)",
+                 thresholds or "of the line")
         return True
 
     # -- buffering ------------------------------------------------------------------------------
@@ -109,7 +213,8 @@ class AdapterService:
         if st is None or self.settings.mode != "buffered":
             return
         st.tta.set_ceiling(admission_ceiling(self.inspector, line))
-        st.tta.observe(frame_id, raw.tokens, raw.score, timestamp, score_seconds=score_seconds)
+        st.tta.observe(frame_id, raw.tokens, raw.score, timestamp, score_seconds=score_seconds,
+                       input_hw=raw.input_hw, image=raw.image)
         if self.telemetry is not None:
             self.telemetry.tta_buffer_frames.labels(line).set(len(st.tta.buffer))
 
@@ -205,6 +310,7 @@ class AdapterService:
         budget = st.tta.refresh_budget(True)
         # The budget is training time; with the rests in between, the wall-clock limit is 1/share longer.
         budget = BufferedBudget(budget.max_steps, budget.max_seconds / share, budget.batch_tokens)
+        self._load_labels(st)
         try:
             adapter, report = st.tta.train_candidate(progress, budget=budget)
         except RuntimeError as e:
@@ -223,10 +329,11 @@ class AdapterService:
             return {"action": "refuse", "reason": reason}
         meta = build_meta(adapter, target_for(self.inspector, line),
                           training_window=report.extra.get("training_window"), validation=report.validation,
-                          training=TrainingMeta.from_report(report))
+                          training=TrainingMeta.from_report(report), thresholds=report.thresholds)
         result = self.registry.publish(line, to_bytes(adapter, meta), meta, actor=self.worker_id,
                                        reason=report.summary(), base_version=base_version,
-                                       request_id=rids[0] if rids else None)
+                                       request_id=rids[0] if rids else None,
+                                       audit={"admission": figures["admission"], "positives": figures["positives"]})
         for rid in rids[1:]:
             self.registry.record(line, "promote" if result.promoted else "refuse", actor=self.worker_id,
                                  reason=result.reason, request_id=rid, version=result.version)
@@ -238,6 +345,17 @@ class AdapterService:
         self.sync(line)
         log.info("line %s: promoted adapter %s (%s)", line, result.version, report.summary())
         return {"action": "promote", "version": result.version}
+
+    def _load_labels(self, st: _LineState) -> None:
+        """Hand the line's newest operator labels to its gate (kept as they were when Redis cannot answer)."""
+        tta = st.tta
+        limit = self.settings.gate_max_labelled if tta.score_fn is not None else 0
+        try:
+            frames = operator_frames(self.labels, tta.line_id, limit, st.labels, tta.to_input)
+        except redis.RedisError as e:
+            log.warning("line %s: operator labels unavailable, the gate uses the last ones read: %s", tta.line_id, e)
+            return
+        tta.set_operator_frames(frames)
 
     @staticmethod
     def _forget(st: _LineState, rids: list[str]) -> None:

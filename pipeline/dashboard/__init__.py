@@ -1,7 +1,9 @@
-"""The live inspection dashboard: a read-only web view over the Redis outputs of the workers.
+"""The live inspection dashboard: a web view over the Redis outputs of the workers, and the alert workflow.
 
-`DashboardServer` serves one page (no front-end build step, no external assets) plus a small JSON
-API and a server-sent-events feed fed by the Redis pub/sub channel. It never writes to Redis.
+`DashboardServer` serves its pages (no front-end build step, no external assets), a small JSON API, a
+server-sent-events feed fed by the Redis pub/sub channel and Prometheus series at `/metrics`. The
+workers' outputs are only read; operators' acknowledgements, labels and comments on alerts are written
+through `pipeline.labels`.
 """
 
 from pipeline.dashboard.server import DEFAULT_PORT, HEALTH_PATH, READY_PATH, TOKEN_ENV, DashboardServer

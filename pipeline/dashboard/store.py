@@ -1,8 +1,9 @@
-"""Read-only views of the Redis outputs, shaped for the dashboard.
+"""Views of the Redis outputs, shaped for the dashboard, and the operators' labels.
 
-Every key comes from `RedisKeys`; nothing here writes. Stream entries are decoded generically (JSON
-values parsed, numbers typed) and then given a few normalised fields the page relies on (`ts_ms`,
-`frame_id`, `anomalous`), so the page keeps working if the publisher adds fields.
+Every key comes from `RedisKeys`. The workers' outputs are only read; the one thing written is what
+operators say about alerts, through `pipeline.labels.LabelStore`. Stream entries are decoded generically
+(JSON values parsed, numbers typed) and then given a few normalised fields the page relies on (`ts_ms`,
+`frame_id`, `anomalous`, `region_text`), so the page keeps working if the publisher adds fields.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import redis
 from PIL import Image
 from scipy import ndimage
 
+from pipeline.describe import describe_regions, verdict_note
+from pipeline.labels import AlertFacts, LabelStore, suggest_threshold
 from pipeline.redis_client import make_redis
-from pipeline.redis_keys import RedisKeys
+from pipeline.redis_keys import FRAME_ID_RE, RedisKeys  # noqa: F401  (FRAME_ID_RE: the shared frame-id rule)
 from pipeline.settings import Settings
 from pipeline.streaming.records import FrameResult, is_anomalous_verdict
 
@@ -30,10 +33,14 @@ BLOB_KINDS = ("image", "mask", "heatmap")
 """Per-frame and latest blobs the publisher writes (the result JSON is read separately)."""
 IMAGE_KINDS = (*BLOB_KINDS, "outline")
 """What the page can ask for; `outline` is derived here from the mask."""
-FRAME_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,256}$")
 LINE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 MAX_THUMB = 2048
+SCAN_BUDGET = 5000
+"""Most stream entries one filtered page reads before answering with what it found (and a cursor)."""
+LABEL_FILTERS = ("unlabelled", "unacknowledged", "confirmed", "false_alarm", "unsure")
+VERDICTS = ("anomalous", "normal")
+HOUR_MS = 3_600_000
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
 def _text(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v)
@@ -153,6 +160,59 @@ class _LRU:
                 self._size -= len(old[0])
 
 
+class YieldCounter:
+    """Pass/fail per hour of one line, counted from its results stream as entries arrive.
+
+    Counts what the dashboard has read: on first use the newest `backfill` entries (the stream is trimmed
+    anyway), then every new entry. `since_ms` says from when the counts are complete.
+    """
+
+    def __init__(self, backfill: int = 5000, hours: int = 24) -> None:
+        self.backfill = backfill
+        self.hours = hours
+        self.cursor: str | None = None
+        self.since_ms: int | None = None
+        self.buckets: dict[int, list[int]] = {}
+        self._lock = threading.Lock()
+
+    def update(self, client: redis.Redis, stream: str, budget: int = 20_000) -> None:
+        with self._lock:
+            if self.cursor is None:
+                entries = list(reversed(client.xrevrange(stream, count=self.backfill)))
+                self.since_ms = int(_text(entries[0][0]).split("-")[0]) if entries else int(time.time() * 1000)
+                self._count(entries)
+                self.cursor = _text(entries[-1][0]) if entries else "0-0"
+                return
+            while budget > 0:
+                entries = client.xrange(stream, min=f"({self.cursor}", count=min(1000, budget))
+                if not entries:
+                    break
+                self._count(entries)
+                self.cursor = _text(entries[-1][0])
+                budget -= len(entries)
+
+    def _count(self, entries: list[Any]) -> None:
+        for entry_id, fields in entries:
+            hour = int(_text(entry_id).split("-")[0]) // HOUR_MS * HOUR_MS
+            verdict = fields.get(b"verdict", fields.get("verdict", b""))
+            self.buckets.setdefault(hour, [0, 0])[1 if is_anomalous_verdict(_text(verdict)) else 0] += 1
+        if len(self.buckets) > self.hours + 1:
+            for old in sorted(self.buckets)[: len(self.buckets) - self.hours - 1]:
+                del self.buckets[old]
+
+    def view(self, now_ms: int, hours: int | None = None) -> dict[str, Any]:
+        """The last `hours` hours, oldest first: pass, fail and yield (None for an hour without frames)."""
+        n = hours or self.hours
+        top = now_ms // HOUR_MS * HOUR_MS
+        with self._lock:
+            rows = []
+            for h in range(top - (n - 1) * HOUR_MS, top + 1, HOUR_MS):
+                ok, bad = self.buckets.get(h, (0, 0))
+                rows.append({"hour_ms": h, "pass": ok, "fail": bad,
+                             "yield": round(ok / (ok + bad), 4) if ok + bad else None})
+            return {"since_ms": self.since_ms, "hours": rows}
+
+
 class DashboardStore:
     """Everything the page shows, read from Redis on demand (cheap, bounded reads only)."""
 
@@ -170,6 +230,8 @@ class DashboardStore:
         self._announced_lines: set[str] = set()
         self._added: dict[str, deque[tuple[float, int]]] = {}
         self._lock = threading.Lock()  # HTTP threads and the ticker share the bookkeeping above
+        self.labels = LabelStore(self.client, self.keys)
+        self._yield: dict[str, YieldCounter] = {}
 
     # --- lines -------------------------------------------------------------------------------
     def line_ids(self) -> list[str]:
@@ -248,19 +310,62 @@ class DashboardStore:
             out["last_refresh"] = next((e for e in events if _is_refresh(e)), None)
         return out
 
-    def line_state(self, line: str) -> dict[str, Any]:
+    def line_state(self, line: str, workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         cfg = next((x for x in self.settings.lines if x.id == line), None)
+        latest = self.latest(line)
+        workers = self.workers() if workers is None else workers
         return {
             "id": line,
             "class_name": cfg.class_name if cfg else None,
             "domain": cfg.domain if cfg else None,
             "configured": cfg is not None,
-            "latest": self.latest(line),
+            "latest": latest,
+            "status": self.line_status(line, latest, workers),
             "threshold": self.threshold(line),
             "history": self.history(line),
             "throughput": self.throughput(line),
             "adapter": self.adapter(line),
+            "labels": self.labels.counts(line).to_dict(),
+            "yield": self.yield_per_hour(line),
         }
+
+    def line_status(self, line: str, latest: dict[str, Any] | None, workers: list[dict[str, Any]],
+                    now_s: float | None = None) -> dict[str, Any]:
+        """`live`, `stale` (a worker holds the line but no frame came for `dashboard.stale_after_s`),
+        `no_worker` (no live heartbeat names the line) or `waiting` (a worker, no frame yet)."""
+        now_s = time.time() if now_s is None else now_s
+        served = [w["worker_id"] for w in workers if w.get("health") == "ok"
+                  and line in {x.strip() for x in str(w.get("lines", "")).split(",")}]
+        seen_ns = (latest or {}).get("published_ts") or (latest or {}).get("capture_ts")
+        age = round(now_s - int(seen_ns) / 1e9, 1) if seen_ns else None
+        stale_after = self.settings.dashboard.stale_after_s
+        if not served:
+            state, text = "no_worker", "no worker: no live heartbeat names this line"
+        elif age is None:
+            state, text = "waiting", "a worker holds this line; no frame yet"
+        elif age > stale_after:
+            state, text = "stale", f"stale: no frame for {_duration(age)} (limit {_duration(stale_after)})"
+        else:
+            state, text = "live", "live"
+        return {"state": state, "text": text, "last_frame_age_s": age, "workers": served,
+                "stale_after_s": stale_after}
+
+    def yield_per_hour(self, line: str, hours: int = 24) -> dict[str, Any]:
+        """Pass/fail and yield per hour for the last `hours` hours (see `YieldCounter`)."""
+        with self._lock:
+            counter = self._yield.setdefault(line, YieldCounter())
+        counter.update(self.client, self.keys.results_stream(line))
+        return counter.view(int(time.time() * 1000), hours)
+
+    def line_labels(self, line: str) -> dict[str, Any]:
+        """The line's label counts and the threshold that would have avoided its labelled false alarms."""
+        current = self.threshold(line).get("image")
+        try:
+            current_f = float(current) if current is not None else None
+        except (TypeError, ValueError):
+            current_f = None
+        return {"line": line, "counts": self.labels.counts(line).to_dict(),
+                "suggestion": suggest_threshold(self.labels.labelled(line), current_f)}
 
     # --- alerts and workers ------------------------------------------------------------------
     def alerts(self, count: int | None = None, after: str | None = None) -> list[dict[str, Any]]:
@@ -268,8 +373,78 @@ class DashboardStore:
         n = count or self.alerts_len
         if after:
             entries = self.client.xrange(self.keys.alerts_stream, min=f"({after}", count=n)
-            return [stream_entry(i, f) for i, f in reversed(entries)]
-        return [stream_entry(i, f) for i, f in self.client.xrevrange(self.keys.alerts_stream, count=n)]
+            return self._decorate([stream_entry(i, f) for i, f in reversed(entries)])
+        return self._decorate([stream_entry(i, f) for i, f in self.client.xrevrange(self.keys.alerts_stream, count=n)])
+
+    def _decorate(self, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each alert with its operator label (or None) and a readable description of its regions."""
+        labels = self.labels.get_many(str(a.get("frame_id", "")) for a in alerts)
+        for a in alerts:
+            lab = labels.get(str(a.get("frame_id", "")))
+            a["label"] = lab.to_dict() if lab else None
+            a["region_text"] = describe_regions(a.get("regions") if isinstance(a.get("regions"), list) else [],
+                                                int(a.get("width") or 0), int(a.get("height") or 0))
+        return alerts
+
+    def browse_alerts(self, *, count: int = 30, before: str | None = None, line: str | None = None,
+                      camera: str | None = None, label: str | None = None, since_ms: int | None = None,
+                      until_ms: int | None = None) -> dict[str, Any]:
+        """One page of alerts, newest first, filtered; `next` continues after the page (None at the end)."""
+        def keep(e: dict[str, Any]) -> bool:
+            return (not line or e.get("line") == line) and (not camera or str(e.get("camera", "")) == camera)
+
+        label_of: dict[str, Any] = {}
+
+        def keep_labelled(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            if not label:
+                return batch
+            label_of.update(self.labels.get_many(str(e.get("frame_id", "")) for e in batch))
+            return [e for e in batch if _label_matches(label_of.get(str(e.get("frame_id", ""))), label)]
+
+        page, nxt = _scan_desc(self.client, self.keys.alerts_stream, count, before, since_ms, until_ms, keep,
+                               keep_labelled)
+        return {"alerts": self._decorate(page), "next": nxt, "total": self.client.xlen(self.keys.alerts_stream)}
+
+    def browse_frames(self, *, count: int = 50, before: str | None = None, line: str | None = None,
+                      camera: str | None = None, verdict: str | None = None, since_ms: int | None = None,
+                      until_ms: int | None = None) -> dict[str, Any]:
+        """One page of scored frames from the lines' results streams, newest first, merged and filtered."""
+        def keep(e: dict[str, Any]) -> bool:
+            if camera and str(e.get("camera", "")) != camera:
+                return False
+            return not verdict or (verdict == "anomalous") == bool(e.get("anomalous"))
+
+        lines = [line] if line else self.line_ids()
+        merged: list[dict[str, Any]] = []
+        more = False
+        for ln in lines:
+            page, nxt = _scan_desc(self.client, self.keys.results_stream(ln), count, before, since_ms, until_ms, keep)
+            merged += page
+            more = more or nxt is not None
+        merged.sort(key=lambda e: _id_key(e["id"]), reverse=True)
+        more = more or len(merged) > count
+        merged = merged[:count]
+        labels = self.labels.get_many(str(e.get("frame_id", "")) for e in merged if e.get("anomalous"))
+        for e in merged:
+            lab = labels.get(str(e.get("frame_id", "")))
+            e["label"] = lab.to_dict() if lab else None
+        return {"frames": merged, "next": merged[-1]["id"] if more and merged else None}
+
+    def alert_facts(self, frame_id: str) -> AlertFacts | None:
+        """What a label records about an alert: from the alerts stream, else from an anomalous stored result."""
+        a = self.find_alert(frame_id, scan=SCAN_BUDGET)
+        if a is not None:
+            return AlertFacts(frame_id=frame_id, line=str(a.get("line", "")), score=float(a.get("score") or 0),
+                              threshold=float(a.get("threshold") or 0), ts_ms=int(a["ts_ms"]),
+                              camera=str(a.get("camera", "")), width=int(a.get("width") or 0),
+                              height=int(a.get("height") or 0))
+        r = _result(self.client.get(self.keys.frame(frame_id, "result")))
+        if r is None or not is_anomalous_verdict(r.get("verdict")):
+            return None
+        ts = int(r.get("published_ts") or r.get("capture_ts") or time.time_ns()) // 1_000_000
+        return AlertFacts(frame_id=frame_id, line=str(r.get("line", "")), score=float(r.get("score") or 0),
+                          threshold=float(r.get("threshold") or 0), ts_ms=ts, camera=str(r.get("camera", "")),
+                          width=int(r.get("width") or 0), height=int(r.get("height") or 0))
 
     def workers(self) -> list[dict[str, Any]]:
         """Every live heartbeat hash (they expire), with its age and a health word.
@@ -312,20 +487,25 @@ class DashboardStore:
         return {
             "prefix": self.keys.prefix,
             "server_time_ms": int(time.time() * 1000),
-            "lines": [self.line_state(x) for x in self.line_ids()],
+            "lines": [self.line_state(x, workers) for x in self.line_ids()],
             "alerts": self.alerts(),
+            "alerts_total": self.client.xlen(self.keys.alerts_stream),
             "workers": workers,
+            "defect_types": list(self.settings.dashboard.defect_types),
         }
 
     def tick(self) -> dict[str, Any]:
-        """What changes without a frame arriving: worker health, throughput, adapters."""
+        """What changes without a frame arriving: worker health, line state, throughput, adapters, labels, yield."""
         workers = self.workers()
         ids = self.line_ids()
         return {
             "server_time_ms": int(time.time() * 1000),
             "workers": workers,
+            "alerts_total": self.client.xlen(self.keys.alerts_stream),
             "lines": {x: {"throughput": self.throughput(x), "adapter": self.adapter(x),
-                          "threshold": self.threshold(x)} for x in ids},
+                          "threshold": self.threshold(x), "status": self.line_status(x, self.latest(x), workers),
+                          "labels": self.labels.counts(x).to_dict(), "yield": self.yield_per_hour(x)}
+                      for x in ids},
         }
 
     # --- frames ------------------------------------------------------------------------------
@@ -333,11 +513,22 @@ class DashboardStore:
         """A frame's result JSON, which blobs still exist and how long they live."""
         result = _result(self.client.get(self.keys.frame(frame_id, "result")))
         blobs = {k: self.client.exists(self.keys.frame(frame_id, k)) > 0 for k in BLOB_KINDS}
-        if result is None and not any(blobs.values()):
+        label = self.labels.get(frame_id)
+        if result is None and not any(blobs.values()) and label is None:
             return None
-        return {"frame_id": frame_id, "result": result, "blobs": blobs,
-                "ttl_s": self.client.ttl(self.keys.frame(frame_id, "result")),
-                "alert": self.find_alert(frame_id) if with_alert else None}
+        alert = self.find_alert(frame_id) if with_alert else None
+        src = result or alert or {}
+        regions = src.get("regions") if isinstance(src.get("regions"), list) else []
+        w, h = int(src.get("width") or 0), int(src.get("height") or 0)
+        out = {"frame_id": frame_id, "result": result, "blobs": blobs,
+               "ttl_s": self.client.ttl(self.keys.frame(frame_id, "result")), "alert": alert,
+               "region_text": describe_regions(regions, w, h),
+               "verdict_note": verdict_note(is_anomalous_verdict(src.get("verdict", False)),
+                                            int(src.get("defect_area") or 0), w, h) if src else "",
+               "label": label.to_dict() if label else None}
+        if with_alert:
+            out["audit"] = self.labels.audit(frame_id=frame_id, count=50)
+        return out
 
     def find_alert(self, frame_id: str, scan: int = 2000) -> dict[str, Any] | None:
         """The frame's alert entry among the most recent `scan` alerts, if there is one."""
@@ -353,15 +544,22 @@ class DashboardStore:
         `outline` is rendered from the mask. Renders of per-frame blobs are cached: they never change.
         """
         source_kind = "mask" if kind == "outline" else kind
-        key = self.keys.frame(ident, source_kind) if scope == "frame" else self.keys.latest(ident, source_kind)
+        if scope == "label":  # kept with the label, after the frame's own keys expired
+            key = self.keys.label_blob(ident, source_kind)
+        else:
+            key = self.keys.frame(ident, source_kind) if scope == "frame" else self.keys.latest(ident, source_kind)
         cache_key = (key, kind, str(width or 0))
-        if scope == "frame" and (kind == "outline" or width):
+        if scope in ("frame", "label") and (kind == "outline" or width):
             hit = self._cache.get(cache_key)
             if hit is not None:
                 return hit
         data = self.client.get(key)
         if data is None:
-            if kind == "image":  # publishers that skip the raw frame: the overlay is the next best thing
+            if scope == "frame" and source_kind in ("image", "mask"):  # expired: the copy kept with a label
+                kept = self.client.get(self.keys.label_blob(ident, source_kind))
+                if kept is not None:
+                    return self.image("label", ident, kind, width)
+            if kind == "image" and scope != "label":  # publishers that skip the raw frame: the overlay is next best
                 return self.image(scope, ident, "heatmap", width)
             return None
         if kind == "outline":
@@ -370,7 +568,7 @@ class DashboardStore:
             out = thumbnail(data, width)
         else:
             return data, sniff_content_type(data)
-        if scope == "frame":
+        if scope in ("frame", "label"):
             self._cache.put(cache_key, out)
         return out
 
@@ -423,3 +621,54 @@ def _timestamp_s(v: Any) -> float | None:
         return datetime.fromisoformat(str(v)).timestamp()
     except ValueError:
         return None
+
+
+def _duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _id_key(sid: str) -> tuple[int, int]:
+    ms, _, seq = sid.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _label_matches(lab: Any, wanted: str) -> bool:
+    if wanted == "unlabelled":
+        return lab is None or not lab.label
+    if wanted == "unacknowledged":
+        return lab is None or not lab.acknowledged
+    return lab is not None and lab.label == wanted
+
+
+def _scan_desc(client: redis.Redis, stream: str, count: int, before: str | None, since_ms: int | None,
+               until_ms: int | None, keep: Any, keep_batch: Any = None,
+               budget: int = SCAN_BUDGET) -> tuple[list[dict[str, Any]], str | None]:
+    """Up to `count` entries of `stream` newest first, older than `before`, within [since_ms, until_ms],
+    passing `keep` (per entry) and `keep_batch` (per read, e.g. a label lookup). Reads at most `budget`
+    entries; the cursor returned continues where this page stopped (None: nothing older is left)."""
+    hi = f"({before}" if before else (str(until_ms) if until_ms is not None else "+")
+    if before and until_ms is not None and _id_key(before)[0] > until_ms:
+        hi = str(until_ms)
+    lo = str(since_ms) if since_ms is not None else "-"
+    out: list[dict[str, Any]] = []
+    while budget > 0:
+        asked = min(500, budget)
+        raw = client.xrevrange(stream, max=hi, min=lo, count=asked)
+        if not raw:
+            return out, None
+        budget -= len(raw)
+        batch = [e for e in (stream_entry(i, f) for i, f in raw) if keep(e)]
+        if keep_batch is not None:
+            batch = keep_batch(batch)
+        for e in batch:
+            out.append(e)
+            if len(out) >= count:
+                return out, e["id"]
+        hi = f"({_text(raw[-1][0])}"
+        if len(raw) < asked:
+            return out, None
+    return out, hi[1:]

@@ -296,6 +296,27 @@ def read_folder(
     return DatasetIndex("folder", root, samples, issues, keep_aspect=True)
 
 
+def train_samples(index: DatasetIndex, cls: str) -> list[Sample]:
+    """The class's normal training images (MVTec `train/good`, VisA's `train` rows), sorted; DatasetError if none.
+
+    What `anoclip eval --memory train` builds its bank from; the test split is never used for that.
+    """
+    if index.name == "mvtec":
+        images = _images_in(index.root / cls / "train" / "good")
+        samples = [Sample(p, None, 0, "good", cls) for p in images]
+    elif index.name == "visa":
+        try:
+            train = read_visa(index.root, [cls], split="train")
+        except DatasetError:
+            train = DatasetIndex("visa", index.root, [])
+        samples = [s for s in train.samples if s.label == 0]
+    else:
+        raise DatasetError(f"the {index.name} layout has no training images; use --memory mutual or stream")
+    if not samples:
+        raise DatasetError(f"class {cls!r} has no normal training images under {index.root}")
+    return samples
+
+
 def read_dataset(
     name: str, root: str | os.PathLike[str], classes: Iterable[str] | None = None, class_name: str | None = None
 ) -> DatasetIndex:

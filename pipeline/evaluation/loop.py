@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.adaptation.buffered import eval_scorer
+from pipeline.adaptation.memory_bank import MemoryParams
 from pipeline.errors import AnoclipError, ImageError
 from pipeline.evaluation.datasets import (
     PROTOCOL_SIDE,
@@ -39,7 +40,9 @@ from pipeline.evaluation.datasets import (
     Sample,
     load_pair,
     protocol_size,
+    train_samples,
 )
+from pipeline.evaluation.memory_eval import MEMORY_MODES, ClassImages, MemoryScorer
 from pipeline.evaluation.metrics import (
     AUPRO_VARIANTS,
     DEFAULT_MEMORY_BUDGET,
@@ -131,6 +134,10 @@ class EvalOptions:
     resolution: int = PROTOCOL_SIDE
     examples: int = 4
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    memory: str = "off"
+    """Patch memory (docs/memory.md): `off` (zero-shot), `train`, `mutual` or `stream`."""
+    shots: int | None = None
+    """`memory: train`: normal training images per class in the bank (None = all)."""
     progress: bool = True
     figures: bool = True
 
@@ -145,6 +152,12 @@ class EvalOptions:
             raise EvalError(f"order must be one of {', '.join(ORDERS)}")
         if self.resolution < 16:
             raise EvalError("resolution must be at least 16")
+        if self.memory not in MEMORY_MODES:
+            raise EvalError(f"unknown memory mode {self.memory!r} (use one of {', '.join(MEMORY_MODES)})")
+        if self.shots is not None and (self.shots < 1 or self.memory != "train"):
+            raise EvalError("--shots takes a count >= 1 and goes with --memory train")
+        if self.memory != "off" and self.tta == "buffered":
+            raise EvalError("--memory and --tta buffered do not combine (use --tta off or per_frame)")
 
 
 def _line_id(name: str) -> str:
@@ -376,13 +389,21 @@ def evaluate(
     missing = [c for c in classes if c not in index.classes]
     if missing:
         raise EvalError(f"class(es) {', '.join(missing)} have no samples in {index.root}")
+    if opts.memory == "train":  # before the model loads: a class without training images fails at once
+        for cls in classes:
+            train_samples(index, cls)
     _, line_of = eval_settings(settings, index, opts)
     if scorer is None:
         if inspector is None:
             from pipeline.inspection.inspector import Inspector
 
             inspector = Inspector.from_settings(settings)
-        scorer = make_scorer(opts.tta, inspector, settings)
+        if opts.memory == "off":
+            scorer = make_scorer(opts.tta, inspector, settings)
+        else:
+            scorer = MemoryScorer(opts.memory, inspector, MemoryParams.from_settings(settings.memory),
+                                  class_images(index, opts, line_of, settings.worker.max_pixels),
+                                  shots=opts.shots, tta=opts.tta)
 
     issues = list(index.issues)
     batch = settings.model.batch_size
@@ -406,6 +427,9 @@ def evaluate(
                 scorer.begin_class(state.line_id)
                 t_model += time.perf_counter() - t0
                 samples = stream_order(index.of_class(cls), opts.order, opts.seed)
+                expect = getattr(scorer, "expect_frames", None)
+                if expect is not None:  # buffered TTA scales its refresh cadence to the class (docs/tta.md)
+                    expect(state.line_id, len(samples))
                 loader = _prefetch(samples, index.keep_aspect, opts.resolution, settings.worker.max_pixels, 2 * batch)
                 try:
                     for chunk in _batches(loader, batch):
@@ -441,6 +465,8 @@ def evaluate(
             for future, n_failed in finals:
                 res = future.result()
                 res.n_failed = n_failed
+                res.adaptation = getattr(scorer, "adaptation", {}).get(res.line_id)
+                res.memory = getattr(scorer, "memory", {}).get(res.line_id)
                 results.append(res)
         finally:
             for f in pending:
@@ -465,6 +491,28 @@ def evaluate(
     }
     meta = _meta(settings, index, opts)
     return EvalReport(index.name, str(index.root), opts, meta, results, mean, counts, issues, records, timing)
+
+
+def class_images(index: DatasetIndex, opts: EvalOptions, line_of: dict[str, str], max_pixels: int) -> ClassImages:
+    """What memory scorers read beyond the stream: a class's training images, or its test images in stream
+    order, at the protocol resolution (unreadable ones are left out, as the stream leaves them out)."""
+    cls_of = {line: cls for cls, line in line_of.items()}
+
+    def load(line_id: str, split: str) -> list[np.ndarray]:
+        cls = cls_of[line_id]
+        if split == "train":
+            samples = train_samples(index, cls)
+        else:
+            samples = stream_order(index.of_class(cls), opts.order, opts.seed)
+        images = []
+        for s in samples:
+            try:
+                images.append(load_pair(s, index.keep_aspect, opts.resolution, max_pixels).image)
+            except ImageError:
+                continue
+        return images
+
+    return load
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -509,6 +557,8 @@ def _meta(settings: Settings, index: DatasetIndex, opts: EvalOptions) -> dict[st
             ),
             "masks": "binarised (>0), resized bilinear like the image, then > 0.5",
             "tta": opts.tta,
+            "memory": opts.memory,
+            **({"shots": opts.shots} if opts.memory == "train" else {}),
             "order": opts.order if opts.order == "dataset" else f"shuffled (seed {opts.seed})",
             "aupro_variant": opts.aupro,
             "mean": "unweighted mean over classes; a class where a metric is undefined is left out of that mean",

@@ -52,6 +52,10 @@ class ClassResult:
     n_pixel_images: int
     n_failed: int
     examples: list[Example] = field(default_factory=list)
+    adaptation: dict[str, Any] | None = None
+    """What buffered TTA did on the class (refreshes, promotions, schedule); None without it."""
+    memory: dict[str, Any] | None = None
+    """What the patch memory did on the class (bank versions, patches, bytes, refreshes); None when off."""
 
 
 @dataclass
@@ -136,6 +140,10 @@ def report_dict(report: EvalReport) -> dict[str, Any]:
                 "score_min": r.pixel.score_min,
                 "score_max": r.pixel.score_max,
             }
+        if r.adaptation is not None:
+            entry["adaptation"] = r.adaptation
+        if r.memory is not None:
+            entry["memory"] = r.memory
         per_class[r.name] = entry
     return _jsonable(
         {
@@ -156,6 +164,23 @@ def report_dict(report: EvalReport) -> dict[str, Any]:
     )
 
 
+def _memory_note(report: EvalReport) -> str:
+    """Per class, what the memory was built from (docs/memory.md)."""
+    notes = []
+    for r in report.classes:
+        m = r.memory
+        if not m:
+            continue
+        if m.get("mode") == "train":
+            notes.append(f"{r.name}: bank of {m['shots']} train images, {m['patches']} patches")
+        elif m.get("mode") == "mutual":
+            notes.append(f"{r.name}: {m['frames']} frames scored mutually")
+        elif m.get("mode") == "stream":
+            notes.append(f"{r.name}: {m['refreshes']} bank refreshes, {m['admitted']} frames admitted, "
+                         f"{m['patches']} patches")
+    return " (" + "; ".join(notes) + ")" if notes else ""
+
+
 def report_markdown(report: EvalReport) -> str:
     """The human-readable table with the definitions used, issues and files."""
     meta = report.meta
@@ -166,7 +191,10 @@ def report_markdown(report: EvalReport) -> str:
         f"- model: `{meta['model']['arch']}` weights `{meta['model']['pretrained']}`, "
         f"image score `{meta['model']['image_score']}`, temperature {meta['model']['temperature']}",
         f"- protocol resolution: {meta['protocol']['resolution']}; masks {meta['protocol']['masks']}",
-        f"- TTA: `{meta['protocol']['tta']}`; stream order: {meta['protocol']['order']}",
+        f"- TTA: `{meta['protocol']['tta']}`; stream order: {meta['protocol']['order']}"
+        + "".join(f"; {r.name}: {r.adaptation['refreshes']} refreshes ({r.adaptation['promoted']} promoted)"
+                  for r in report.classes if r.adaptation is not None),
+        f"- memory: `{meta['protocol'].get('memory', 'off')}`" + _memory_note(report),
         f"- AUPRO variant in the table: **{report.options.aupro}** (both variants are in report.json)",
         f"- {meta['created']}; {int(report.timing['images'])} images in {report.timing['seconds']:.1f} s "
         f"({report.timing['images_per_s']:.2f} img/s; model {report.timing['model_images_per_s']:.2f} img/s)",

@@ -282,6 +282,21 @@ def _draw_defect(
     raise ValueError(f"unknown defect {defect!r} (known: {', '.join(DEFECTS)})")
 
 
+def _render_base(
+    kind: str, size: int, seed: int, width: int | None
+) -> tuple[_Canvas, _Array, _Array, _Array | None, np.ndarray]:
+    """(canvas, float image with sensor noise, defect region, background layer, uint8 image) of a defect-free part."""
+    if kind not in _RENDERERS:
+        raise ValueError(f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    w = size if width is None else int(width)
+    if size < 16 or w < 16:
+        raise ValueError(f"image must be at least 16x16 pixels, got {w}x{size}")
+    c = _Canvas(int(size), w)
+    img, region, bg = _RENDERERS[kind](c, _rng(seed, kind, "base"))
+    img = img + 3.0 * _rng(seed, kind, "sensor").standard_normal(img.shape)
+    return c, img, region, bg, np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
 def render_part(
     kind: str, size: int, seed: int, defect: str | None, *, width: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -290,17 +305,9 @@ def render_part(
     `size` is the height (and the width unless `width` is given). The same (kind, size, seed) gives the
     same part with or without a defect, so the mask is exactly where the two images differ.
     """
-    if kind not in _RENDERERS:
-        raise ValueError(f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
     if defect is not None and defect not in DEFECTS:
         raise ValueError(f"unknown defect {defect!r} (known: {', '.join(DEFECTS)})")
-    w = size if width is None else int(width)
-    if size < 16 or w < 16:
-        raise ValueError(f"image must be at least 16x16 pixels, got {w}x{size}")
-    c = _Canvas(int(size), w)
-    img, region, bg = _RENDERERS[kind](c, _rng(seed, kind, "base"))
-    img = img + 3.0 * _rng(seed, kind, "sensor").standard_normal(img.shape)
-    base = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    c, img, region, bg, base = _render_base(kind, size, seed, width)
     mask = np.zeros((c.h, c.w), dtype=bool)
     if defect is None:
         return base, mask
@@ -312,10 +319,43 @@ def render_part(
         if mask.sum() >= min_area:
             break
     else:  # pragma: no cover - geometry makes this unreachable for sizes >= 16
-        raise RuntimeError(f"could not place a {defect} on {kind} at {w}x{size}")
+        raise RuntimeError(f"could not place a {defect} on {kind} at {c.w}x{c.h}")
     drawn = np.clip(np.rint(layer), 0, 255).astype(np.uint8)
     out = np.where(mask[..., None], drawn, base)
     return out, mask
+
+
+def render_recurring(
+    kind: str, size: int, seed: int, defect: str, place_seed: int, *, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A part (from `seed`) carrying a recurring defect: the same type, shape, place and tint on every image
+    rendered with the same `place_seed`, as a worn tool or a dirty fixture leaves it on a line.
+
+    The shape is drawn once on the reference part of `place_seed`; each image clips it to its own part
+    and takes the defect's colour layer from its own pixels, so only the part underneath differs.
+    """
+    if defect not in DEFECTS:
+        raise ValueError(f"unknown defect {defect!r} (known: {', '.join(DEFECTS)})")
+    c, img, region, bg, base = _render_base(kind, size, seed, width)
+    _, _, ref_region, _, _ = _render_base(kind, size, place_seed, width)
+    rng = _rng(place_seed, kind, "recurring", defect)
+    min_area = max(6, int(_MIN_AREA_FRACTION * c.h * c.w))
+    for _ in range(32):  # retries decided on the reference alone, so every image gets the same shape
+        layer, shape = _draw_defect(c, rng, defect, img, ref_region, bg)
+        if (shape & ref_region).sum() >= min_area:
+            break
+    else:  # pragma: no cover - geometry makes this unreachable for sizes >= 16
+        raise RuntimeError(f"could not place a recurring {defect} on {kind}")
+    mask = shape & region
+    drawn = np.clip(np.rint(layer), 0, 255).astype(np.uint8)
+    return np.where(mask[..., None], drawn, base), mask
+
+
+def recurring_count(rate: float, n_other: int) -> int:
+    """Recurring-defect images added to `n_other` test images so that they are `rate` of the test set."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"recurring defect rate must be in [0, 1), got {rate}")
+    return int(round(rate / (1.0 - rate) * n_other))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,11 +385,15 @@ def write_mvtec_tree(
     *,
     defects: Iterable[str] | None = None,
     n_train: int = 0,
+    recurring: float = 0.0,
+    recurring_defect: str = "stain",
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
     """Write `<class>/{train/good,test/<defect>,ground_truth/<defect>}` as MVTec AD does.
 
     `n_defect` images per defect type, masks `<stem>_mask.png` (0/255). Returns images written per class.
+    `recurring` > 0 adds `test/recurring_<defect>/`: parts carrying one `recurring_defect` at the same
+    place (`render_recurring`), as many as make them that share of the class's test images.
     `progress(n)` is called after each image.
     """
     root = Path(out)
@@ -373,6 +417,16 @@ def write_mvtec_tree(
                 n += 1
                 if progress:
                     progress(1)
+        n_rec = recurring_count(recurring, n_good + n_defect * len(kinds_defects))
+        place = derive_seed(seed, cls, "recurring-place")
+        folder = f"recurring_{recurring_defect}"
+        for i in range(n_rec):
+            img, mask = render_recurring(cls, size, derive_seed(seed, cls, "test", folder, i), recurring_defect, place)
+            _save_png(root / cls / "test" / folder / f"{i:03d}.png", img)
+            _save_png(root / cls / "ground_truth" / folder / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
+            n += 1
+            if progress:
+                progress(1)
         counts[cls] = n
     return counts
 

@@ -7,7 +7,9 @@ can act on (it ends up as the dead-letter reason).
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import ImageError
+from pipeline.settings import WorkerSettings
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -24,8 +27,61 @@ DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, content_type: str | None = None) -> np.ndarray:
-    """Encoded bytes -> HxWx3 uint8 RGB. Checks the declared type, the pixel budget and truncation."""
+@dataclass(frozen=True)
+class GeometryLimits:
+    """What a frame's size may be, checked from the image header before any pixel is decoded.
+
+    A frame's cost grows with its tile count (about long side / short side squares under `resize: tile`),
+    not only with its pixel count: an 18 KB 1 x 6000 PNG is 6000 tiles. Each limit names its config key.
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int | None = None
+    max_aspect_ratio: float | None = None
+    max_tiles: int | None = None
+    tile_size: int = 0
+    """The model's input side (tiles are not counted when 0)."""
+    resize: str = "tile"
+
+    @classmethod
+    def from_settings(cls, worker: WorkerSettings, tile_size: int, resize: str) -> GeometryLimits:
+        """The worker's limits for a model of input side `tile_size`."""
+        return cls(max_pixels=worker.max_pixels, max_side=worker.max_side, max_aspect_ratio=worker.max_aspect_ratio,
+                   max_tiles=worker.max_tiles, tile_size=tile_size, resize=resize)
+
+    def check(self, width: int, height: int) -> None:
+        """Raise ImageError naming the first limit a `width` x `height` frame breaks."""
+        size = f"{width}x{height}"
+        if width < 1 or height < 1:
+            raise ImageError(f"image has no pixels: {size}")
+        if width * height > self.max_pixels:
+            raise ImageError(f"image too large: {size} = {width * height} pixels exceeds the limit of "
+                             f"{self.max_pixels} (worker.max_pixels)")
+        long, short = max(width, height), min(width, height)
+        if self.max_aspect_ratio is not None and long > self.max_aspect_ratio * short:
+            raise ImageError(f"image too elongated: {size} has an aspect ratio of {long / short:.1f}, above "
+                             f"worker.max_aspect_ratio ({self.max_aspect_ratio:g})")
+        if self.max_tiles is not None and self.tile_size > 0:
+            n = tile_count(height, width, self.tile_size, self.resize)
+            if n > self.max_tiles:
+                raise ImageError(f"image too elongated: {size} needs {n} model tiles, above worker.max_tiles "
+                                 f"({self.max_tiles})")
+        if self.max_side is not None and long > self.max_side:
+            raise ImageError(f"image too large: {size}, its long side of {long} px exceeds worker.max_side "
+                             f"({self.max_side})")
+
+
+def tile_count(height: int, width: int, image_size: int, resize: str) -> int:
+    """Square model tiles a frame is cut into (as `pipeline.model.anoclip.TileLayout`): ceil(long / size)."""
+    h, w = model_input_size(height, width, image_size, resize)
+    return max(1, math.ceil(max(h, w) / image_size))
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, content_type: str | None = None,
+                 limits: GeometryLimits | None = None) -> np.ndarray:
+    """Encoded bytes -> HxWx3 uint8 RGB. Checks the declared type, the geometry (`limits`, else only
+    `max_pixels`) from the header before decoding, and truncation."""
+    limits = limits or GeometryLimits(max_pixels=max_pixels)
     if not data:
         raise ImageError("empty image payload")
     expected = None
@@ -37,9 +93,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, content_t
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+            limits.check(*im.size)  # PIL has read only the header so far
             if expected is not None and im.format != expected:
                 raise ImageError(f"content type {content_type!r} does not match the data, which is {im.format}")
             im.load()
@@ -54,6 +108,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, content_t
         if "truncated" in msg or "broken data stream" in msg:
             raise ImageError(f"truncated image: {msg}") from e
         raise ImageError(f"undecodable image: {msg}") from e
+    except Exception as e:  # corrupt files make PIL raise other types too (found by tests/fuzz: TypeError)
+        raise ImageError(f"undecodable image: {type(e).__name__}: {e}") from e
     return to_rgb(im)
 
 

@@ -18,7 +18,7 @@ from pipeline.inspection.imaging import preprocess
 from pipeline.inspection.regions import Region, defect_regions
 from pipeline.inspection.text_cache import TextFeatureCache
 from pipeline.inspection.thresholds import LineThresholds
-from pipeline.model import AnoCLIP, TextFeatures, TokenAdapter, build_prompt_set, create_anoclip
+from pipeline.model import AnoCLIP, TextFeatures, TokenAdapter, build_prompt_set
 from pipeline.settings import LineSettings, Settings
 
 
@@ -33,6 +33,12 @@ class RawScore:
     """(n_tiles, n_layers, P, C) raw V-V tokens, before any adapter."""
     frame_hw: tuple[int, int]
     timings: dict[str, float] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    """(n_tiles, n_hidden, P, D) intermediate original-path patch tokens when `score_raw(hidden_layers=...)`
+    asked for them (patch memories, docs/memory.md); None otherwise."""
+    image: np.ndarray | None = None
+    """The frame as given (a reference, not a copy): buffered TTA keeps the newest admitted frames to paste
+    the gate's synthetic defects into (docs/tta.md)."""
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -87,7 +93,9 @@ class Inspector:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Inspector:
-        return cls(settings, create_anoclip(settings.model))
+        from pipeline.inspection.runtimes import build_model  # precision per CPU, exported runtimes
+
+        return cls(settings, build_model(settings.model))
 
     def line(self, line_id: str) -> LineSettings:
         return self.settings.line(line_id)
@@ -119,8 +127,12 @@ class Inspector:
         images: list[np.ndarray],
         adapter: TokenAdapter | None = None,
         tta: str | None = None,
+        hidden_layers: tuple[int, ...] = (),
     ) -> list[RawScore]:
         """Run the model on frames of one line, batching frames whose model input sizes agree.
+
+        `hidden_layers` (1-based blocks) also keeps the original path's patch tokens after those blocks
+        in `RawScore.hidden`, from the same forward (what a patch memory compares).
 
         `tta="per_frame"` runs the paper's per-frame test-time adaptation (`settings.tta`, the line's
         adapter kind): each frame's map comes from a fresh adapter trained on its own tokens. It cannot
@@ -143,7 +155,7 @@ class Inspector:
             for start in range(0, len(items), m.batch_size):
                 chunk = items[start : start + m.batch_size]
                 t0 = time.perf_counter()
-                res = self.model(torch.stack([x for _, x, _ in chunk]), text, adapter)
+                res = self.model(torch.stack([x for _, x, _ in chunk]), text, adapter, hidden_layers)
                 maps = res.anomaly_maps
                 model_ms = (time.perf_counter() - t0) * 1e3 / len(chunk)
                 timings = {"model": model_ms}
@@ -159,6 +171,8 @@ class Inspector:
                         tokens=res.tokens[j],
                         frame_hw=(int(images[i].shape[0]), int(images[i].shape[1])),
                         timings={"preprocess": pre_ms, **timings},
+                        hidden=None if res.hidden is None else res.hidden[j],
+                        image=images[i],
                     )
         return [r for r in out if r is not None]
 
@@ -178,7 +192,8 @@ class Inspector:
         """Thresholds, full-resolution map, mask and regions for one scored frame; feeds calibration."""
         t0 = time.perf_counter()
         th = self.thresholds(line_id)
-        image_thr, pixel_thr, source, hm_range = th.image, th.pixel, th.source, th.heatmap_range()
+        view = th.view(adapter_version)  # the thresholds of the version that scored this frame
+        image_thr, pixel_thr, source, hm_range = view.image, view.pixel, view.source, view.heatmap_range
         h, w = raw.frame_hw
         amap = raw.anomaly_map
         if (h, w) != raw.input_hw:
@@ -186,7 +201,8 @@ class Inspector:
         amap_np = amap.numpy()
         mask = amap_np >= pixel_thr
         regions = defect_regions(mask, amap_np)
-        th.observe(raw.score, raw.anomaly_map.numpy())
+        if not th.has_version(adapter_version):  # a version's own maps never calibrate the line's thresholds
+            th.observe(raw.score, raw.anomaly_map.numpy())
         timings = dict(raw.timings)
         timings["post"] = (time.perf_counter() - t0) * 1e3
         return Inspection(

@@ -25,6 +25,27 @@ def _jet_lut() -> np.ndarray:
 JET = _jet_lut()
 
 
+def bounded_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(h, w) scaled down, aspect kept, so the long side is at most `max_side`; unchanged if it already fits.
+
+    Masks and heatmaps are drawn at this size: a 50 Mpx frame would otherwise cost seconds and hundreds of MB
+    to render, for a map the model computed on a grid of a few hundred pixels.
+    """
+    long = max(height, width)
+    if long <= max_side:
+        return height, width
+    f = max_side / long
+    return max(1, round(height * f)), max(1, round(width * f))
+
+
+def fit_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """An RGB frame resized to (h, w) (antialiased; a no-op at its own size), for overlays at render size."""
+    if image.shape[:2] == hw:
+        return image
+    im = Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR, reducing_gap=2.0)
+    return np.asarray(im)
+
+
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
     """uint8 HxW or HxWx3 -> PNG bytes; a low compression level keeps the hot path cheap."""
     buf = io.BytesIO()
@@ -60,8 +81,8 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, lo: float, hi: float, ma
 
 def heatmap_png(image: np.ndarray, anomaly_map: np.ndarray, lo: float, hi: float,
                 mask: np.ndarray | None = None) -> bytes:
-    """Heatmap overlay of a frame as PNG bytes."""
-    return encode_png(overlay(image, anomaly_map, lo, hi, mask))
+    """Heatmap overlay of a frame as PNG bytes, at the map's size (the frame is scaled to it if needed)."""
+    return encode_png(overlay(fit_image(image, anomaly_map.shape[:2]), anomaly_map, lo, hi, mask))
 
 
 def save_overlay(path: str | Path, image: np.ndarray, inspection: Inspection) -> Path:

@@ -25,7 +25,8 @@ class TextFeatureCache:
 
     @staticmethod
     def key(model: AnoCLIP, prompts: PromptSet) -> str:
-        blob = f"{model.arch}|{model.weights_id}|{model.precision}|{prompts.hash}".encode()
+        # Text is always encoded in fp32 (AnoCLIP.encode_prompts), whatever the scoring precision.
+        blob = f"{model.arch}|{model.weights_id}|fp32|{prompts.hash}".encode()
         return hashlib.sha256(blob).hexdigest()[:24]
 
     def path(self, model: AnoCLIP, prompts: PromptSet) -> Path | None:

@@ -1,14 +1,23 @@
 """Per-line thresholds: zero-shot scores are not calibrated, so each line learns its own.
 
-Order of precedence: a manual override (set at run time) > a fixed value in the config > the value
-calibrated from the line's first `warmup_frames` frames (a high quantile) > the default 0.5, where
-the abnormal prompt starts to win. Heatmaps are scaled with the line's normal-score statistics.
+Order of precedence, per threshold: a manual override (set at run time) > a fixed value in the config >
+the served version's own (an adapter rescales pixel probabilities, so each promoted version carries
+thresholds calibrated on its held-out frames) > the value calibrated from the line's first
+`warmup_frames` frames (a high quantile) > the default 0.5, where the abnormal prompt starts to win.
+Heatmaps are scaled with the normal-score statistics of whatever supplies the pixel threshold.
+
+A frame is judged with the thresholds of the version that scored it (`view(version)`), so a swap between
+scoring and judging can never pair one version's map with another's threshold.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +34,54 @@ class Calibration:
     frames: int
 
 
+@dataclass(frozen=True)
+class VersionThresholds:
+    """The thresholds a served version carries (its registry metadata's `thresholds`); None = the line's."""
+
+    version: str
+    image: float | None
+    pixel: float | None
+    pixel_median: float | None = None
+
+    @classmethod
+    def from_meta(cls, version: str, d: Mapping[str, Any] | None) -> VersionThresholds | None:
+        """From a version's `thresholds` block; None when it carries no usable threshold."""
+
+        def num(key: str) -> float | None:
+            v = (d or {}).get(key)
+            try:
+                f = float(v) if v is not None else None
+            except (TypeError, ValueError):
+                return None
+            return f if f is not None and math.isfinite(f) else None
+
+        vt = cls(version, num("image"), num("pixel"), num("pixel_median"))
+        return vt if vt.image is not None or vt.pixel is not None else None
+
+
+@dataclass(frozen=True)
+class ThresholdView:
+    """The thresholds a frame is judged with, and where each comes from."""
+
+    image: float
+    pixel: float
+    image_source: str
+    pixel_source: str
+    heatmap_range: tuple[float, float]
+    version: str | None = None
+    """The version whose own thresholds take part (None: none do)."""
+
+    @property
+    def source(self) -> str:
+        """One word for both: manual > config > version > calibrated > default."""
+        order = ("manual", "config", "version", "calibrated", "default")
+        return min((self.image_source, self.pixel_source), key=order.index)
+
+
+_KEEP_VERSIONS = 8
+"""Version thresholds remembered per line (the served one and a few before it, for frames still in flight)."""
+
+
 @dataclass
 class LineThresholds:
     """Thread-safe threshold state of one line."""
@@ -33,33 +90,80 @@ class LineThresholds:
     calibration: Calibration | None = None
     override_image: float | None = None
     override_pixel: float | None = None
+    serving: str | None = None
+    """The version served now (whose thresholds `image`, `pixel`, `source` report); None = the base model."""
+    _versions: OrderedDict[str, VersionThresholds] = field(default_factory=OrderedDict)
     _scores: list[float] = field(default_factory=list)
     _pixels: list[np.ndarray] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    # -- versions -------------------------------------------------------------------------------
+    def set_version(self, version: str | None, thresholds: Mapping[str, Any] | None = None) -> None:
+        """Serve `version` from now on, with its own `thresholds` (its metadata block; None or empty: the
+        line's apply to it). None goes back to the base model."""
+        with self._lock:
+            self.serving = version
+            if version is None:
+                return
+            vt = VersionThresholds.from_meta(version, thresholds)
+            if vt is None:
+                self._versions.pop(version, None)
+                return
+            self._versions[version] = vt
+            self._versions.move_to_end(version)
+            while len(self._versions) > _KEEP_VERSIONS:
+                self._versions.popitem(last=False)
+
+    def has_version(self, version: str | None) -> bool:
+        """Whether `version` carries thresholds of its own (its maps then never calibrate the line's)."""
+        return version is not None and version in self._versions
+
+    def version_thresholds(self, version: str | None) -> VersionThresholds | None:
+        return self._versions.get(version) if version is not None else None
+
+    def view(self, version: str | None = None) -> ThresholdView:
+        """The thresholds for a frame scored by `version` (None = the base model), by precedence."""
+        vt = self.version_thresholds(version)
+        cal = self.calibration
+
+        def pick(override: float | None, fixed: float | None, own: float | None, calibrated: float | None,
+                 default: float) -> tuple[float, str]:
+            for value, src in ((override, "manual"), (fixed, "config"), (own, "version"), (calibrated, "calibrated")):
+                if value is not None:
+                    return value, src
+            return default, "default"
+
+        image, image_src = pick(self.override_image, self.cfg.image, vt.image if vt else None,
+                                cal.image if cal else None, self.cfg.default_image)
+        pixel, pixel_src = pick(self.override_pixel, self.cfg.pixel, vt.pixel if vt else None,
+                                cal.pixel if cal else None, self.cfg.default_pixel)
+        if pixel_src == "version" and vt is not None and vt.pixel_median is not None:
+            median: float | None = vt.pixel_median
+        else:
+            median = cal.pixel_median if cal is not None else None
+        if median is not None and median < pixel:
+            hm = (median, pixel + (pixel - median))
+        else:
+            hm = (pixel - self.cfg.heatmap_span, pixel + self.cfg.heatmap_span)
+        own = vt.version if vt is not None and "version" in (image_src, pixel_src) else None
+        return ThresholdView(image, pixel, image_src, pixel_src, hm, own)
+
+    # -- what the served version is judged with ---------------------------------------------------
     @property
     def image(self) -> float:
-        if self.override_image is not None:
-            return self.override_image
-        if self.cfg.image is not None:
-            return self.cfg.image
-        return self.calibration.image if self.calibration else self.cfg.default_image
+        return self.view(self.serving).image
 
     @property
     def pixel(self) -> float:
-        if self.override_pixel is not None:
-            return self.override_pixel
-        if self.cfg.pixel is not None:
-            return self.cfg.pixel
-        return self.calibration.pixel if self.calibration else self.cfg.default_pixel
+        return self.view(self.serving).pixel
 
     @property
     def source(self) -> str:
-        if self.override_image is not None or self.override_pixel is not None:
-            return "manual"
-        if self.cfg.image is not None or self.cfg.pixel is not None:
-            return "config"
-        return "calibrated" if self.calibration else "default"
+        return self.view(self.serving).source
+
+    @property
+    def image_source(self) -> str:
+        return self.view(self.serving).image_source
 
     @property
     def calibrating(self) -> bool:
@@ -67,11 +171,7 @@ class LineThresholds:
 
     def heatmap_range(self) -> tuple[float, float]:
         """Colour range: from the median normal pixel score to as far above the threshold as it is below."""
-        thr = self.pixel
-        if self.calibration is not None and self.calibration.pixel_median < thr:
-            lo = self.calibration.pixel_median
-            return lo, thr + (thr - lo)
-        return thr - self.cfg.heatmap_span, thr + self.cfg.heatmap_span
+        return self.view(self.serving).heatmap_range
 
     def observe(self, score: float, anomaly_map: np.ndarray, rng: np.random.Generator | None = None) -> bool:
         """Feed one warm-up frame; True when this frame completed the calibration."""
@@ -102,8 +202,14 @@ class LineThresholds:
         self.override_image, self.override_pixel = image, pixel
 
     def to_dict(self) -> dict[str, object]:
-        """State for publishing (e.g. the Redis threshold hash)."""
-        d: dict[str, object] = {"image": self.image, "pixel": self.pixel, "source": self.source}
+        """State for publishing (e.g. the Redis threshold hash): what the served version is judged with."""
+        v = self.view(self.serving)
+        vt = self.version_thresholds(self.serving)
+        d: dict[str, object] = {"image": v.image, "pixel": v.pixel, "source": v.source,
+                                "image_source": v.image_source, "pixel_source": v.pixel_source,
+                                "version": self.serving or "",
+                                "version_image": "" if vt is None or vt.image is None else vt.image,
+                                "version_pixel": "" if vt is None or vt.pixel is None else vt.pixel}
         if self.calibration is not None:
             d.update(
                 calibrated_image=self.calibration.image,

@@ -36,6 +36,9 @@ class AnomalyOutput:
     """(B, n_tiles, n_layers, P, C) float32 raw V-V tokens, before any adapter: what TTA trains on."""
     tile_starts: list[int]
     """Offsets of the tiles along the long side (needed to rebuild maps from tokens)."""
+    hidden: torch.Tensor | None = None
+    """(B, n_tiles, n_hidden, P, D) float32 original-path patch tokens after the asked `hidden_layers`
+    (raw ViT width), for patch memories; None unless asked."""
 
 
 @dataclass(frozen=True)
@@ -119,12 +122,14 @@ class AnoCLIP(nn.Module):
     # -- text ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: PromptSet, batch_size: int = 128) -> TextFeatures:
-        """Text features of a line's prompt set (costly on real models: cache them outside the model)."""
-        with self._autocast():
-            enc = [
-                encode_sentences(self.clip.encode_text, self.tokenize, s, self.device, batch_size)
-                for s in (prompts.normal, prompts.abnormal)
-            ]
+        """Text features of a line's prompt set (costly on real models: cache them outside the model).
+
+        Always fp32, whatever `precision`: once per line, and emulated bf16 took minutes on AVX2-only CPUs.
+        """
+        enc = [
+            encode_sentences(self.clip.encode_text, self.tokenize, s, self.device, batch_size)
+            for s in (prompts.normal, prompts.abnormal)
+        ]
         return text_features_from_embeddings(*enc)
 
     # -- scoring ------------------------------------------------------------------------------
@@ -202,9 +207,17 @@ class AnoCLIP(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, images: torch.Tensor, text: TextFeatures, adapter: TokenAdapter | None = None
+        self,
+        images: torch.Tensor,
+        text: TextFeatures,
+        adapter: TokenAdapter | None = None,
+        hidden_layers: Sequence[int] = (),
     ) -> AnomalyOutput:
-        """Score a batch of same-sized, normalised images (B, 3, H, W) with min(H, W) == image size."""
+        """Score a batch of same-sized, normalised images (B, 3, H, W) with min(H, W) == image size.
+
+        `hidden_layers` (1-based blocks) also returns intermediate original-path patch tokens in
+        `AnomalyOutput.hidden`, from the same forward; maps and scores are unchanged by it.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         b, _, h, w = images.shape
@@ -215,7 +228,7 @@ class AnoCLIP(nn.Module):
         n_tiles = len(layout.starts)
         tiles = self._tiles(images.to(self.device), layout)
         with self._autocast():
-            feats = self.encoder(tiles)
+            feats = self.encoder(tiles, hidden_layers=hidden_layers)
         cls = feats.cls_embedding.float()
         tokens = feats.patch_tokens.float()
         if self.image_score_mode == "multiview":
@@ -228,4 +241,5 @@ class AnoCLIP(nn.Module):
             image_scores=tile_scores.view(b, n_tiles).mean(1),
             tokens=tokens.view(b, n_tiles, *tokens.shape[1:]),
             tile_starts=layout.starts,
+            hidden=None if feats.hidden is None else feats.hidden.float().view(b, n_tiles, *feats.hidden.shape[1:]),
         )

@@ -12,6 +12,7 @@ starting from X_{s-1} = O_{s-1} at the first V-V block s, with no MLP on that pa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,9 @@ class VisualFeatures:
     """(N, C): CLIP's own image embedding, ln_post + proj of the original path's CLS token."""
     patch_tokens: torch.Tensor
     """(N, n_layers, P, C): V-V patch tokens after ln_post + proj (CLS dropped), one entry per fused layer."""
+    hidden: torch.Tensor | None = None
+    """(N, n_hidden, P, D): original-path patch tokens after the blocks asked for in `hidden_layers`, raw ViT
+    width (no ln_post, no proj, CLS dropped): the intermediate features patch memories use. None unless asked."""
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -98,11 +102,27 @@ class DualPathViT(nn.Module):
         """ln_post then proj: the map from ViT width into the joint space."""
         return self.visual.ln_post(tokens) @ self.visual.proj
 
-    def forward(self, images: torch.Tensor, with_patches: bool = True) -> VisualFeatures:
-        """Run both paths. `with_patches=False` is plain CLIP (used as the benchmark baseline)."""
+    def check_hidden_layers(self, hidden_layers: Sequence[int]) -> list[int]:
+        """Sorted, de-duplicated 1-based block numbers; ValueError outside 1..n_blocks."""
+        n = len(self.blocks)
+        layers = sorted(set(int(i) for i in hidden_layers))
+        if any(not 1 <= i <= n for i in layers):
+            raise ValueError(f"hidden layers must lie in 1..{n} (blocks of the original path), got {layers}")
+        return layers
+
+    def forward(
+        self, images: torch.Tensor, with_patches: bool = True, hidden_layers: Sequence[int] = ()
+    ) -> VisualFeatures:
+        """Run both paths. `with_patches=False` is plain CLIP (used as the benchmark baseline).
+
+        `hidden_layers` (1-based blocks) also returns the original path's patch tokens after those blocks
+        (`VisualFeatures.hidden`); it changes nothing else.
+        """
+        want_hidden = self.check_hidden_layers(hidden_layers) if hidden_layers else []
         x = self.embed(images)
         vv: torch.Tensor | None = None
         kept: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] = []
         for k, block in enumerate(self.blocks):
             q, kk, v = self._qkv(block, x)
             a_ori = self._merge(block, attend(q, kk, v))
@@ -113,8 +133,12 @@ class DualPathViT(nn.Module):
                     kept.append(vv[:, 1:])
             x = x + block.ls_1(a_ori)
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            if k + 1 in want_hidden:
+                hidden.append(x[:, 1:])
         cls_embedding = self.project(x[:, 0])
+        hidden_t = torch.stack(hidden, dim=1) if hidden else None
         if not with_patches:
-            return VisualFeatures(cls_embedding, cls_embedding.new_zeros((x.shape[0], 0, 0, cls_embedding.shape[-1])))
+            empty = cls_embedding.new_zeros((x.shape[0], 0, 0, cls_embedding.shape[-1]))
+            return VisualFeatures(cls_embedding, empty, hidden_t)
         patch_tokens = self.project(torch.stack(kept, dim=1))
-        return VisualFeatures(cls_embedding, patch_tokens)
+        return VisualFeatures(cls_embedding, patch_tokens, hidden_t)

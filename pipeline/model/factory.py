@@ -75,6 +75,36 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def torch_native_bf16() -> bool:
+    """Whether torch's own CPU probe (CPUID) finds native bf16: AVX512-BF16 or AMX tiles."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probe: assume none, fp32 is never slow
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device, native_bf16: bool | None = None) -> tuple[str, str]:
+    """(precision the torch model runs in, why). `auto` picks bf16 only where the CPU computes it natively.
+
+    Without native bf16 (AVX2-only CPUs) bf16 autocast is emulated: measured 8x slower than fp32 for
+    scoring, and minutes for text features. `native_bf16` is the caller's finding (e.g. /proc/cpuinfo
+    flags, read outside this pure-torch wing); None asks torch's probe. On CUDA `auto` stays fp32.
+    """
+    if requested == "fp16" and device.type == "cpu":
+        raise ConfigError("model.precision: fp16 autocast is for CUDA; use bf16 or fp32 on CPU")
+    if requested == "int8":
+        raise ConfigError("model.precision: int8 runs only in an exported runtime (model.runtime onnxruntime|openvino)")
+    if requested != "auto":
+        return requested, f"model.precision is {requested}"
+    if device.type != "cpu":
+        return "fp32", f"model.precision auto on {device.type}: fp32"
+    native = torch_native_bf16() if native_bf16 is None else native_bf16
+    if native:
+        return "bf16", "model.precision auto: the CPU has native bf16 (AVX512-BF16 or AMX), so bf16 autocast"
+    return "fp32", ("model.precision auto: the CPU has no native bf16 (neither AVX512-BF16 nor AMX), so fp32 "
+                    "(emulated bf16 is several times slower)")
+
+
 def _build_clip(arch: str, pretrained: str, seed: int) -> tuple[torch.nn.Module, str]:
     """The open_clip model with its weights, and an id of those weights for cache keys."""
     if arch in MODEL_CONFIGS:
@@ -123,11 +153,16 @@ def _tokenizer(arch: str) -> Any:
     return open_clip.get_tokenizer(arch)
 
 
-def create_anoclip(settings: Any) -> AnoCLIP:
-    """Build the scorer from `ModelSettings` (or anything with the same attributes)."""
+def create_anoclip(settings: Any, *, native_bf16: bool | None = None, precision: str | None = None) -> AnoCLIP:
+    """Build the scorer from `ModelSettings` (or anything with the same attributes).
+
+    `precision` overrides `settings.precision` (an exported runtime runs the torch side in fp32);
+    `native_bf16` is the caller's finding for `auto` (see `resolve_precision`).
+    """
     device = resolve_device(settings.device)
-    if settings.precision == "fp16" and device.type == "cpu":
-        raise ConfigError("model.precision: fp16 autocast is for CUDA; use bf16 or fp32 on CPU")
+    requested = precision or settings.precision
+    precision, why = resolve_precision(requested, device, native_bf16)
+    (log.info if requested == "auto" else log.debug)("%s", why)
     clip, weights_id = _build_clip(settings.arch, settings.pretrained, settings.seed)
     clip = clip.to(device)
     try:
@@ -140,7 +175,7 @@ def create_anoclip(settings: Any) -> AnoCLIP:
             feature_layers=list(settings.feature_layers) or None,
             temperature=settings.temperature,
             image_score=settings.image_score,
-            precision=settings.precision,
+            precision=precision,
         )
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e

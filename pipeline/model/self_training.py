@@ -11,12 +11,15 @@ Two procedures share one loss:
   the summed loss keeps each frame's gradient to its own slice, so this equals k separate runs; nothing
   survives the call (the official code's leaked optimiser state is deliberately not reproduced).
 * `refresh_adapter` — the streaming variant: one adapter trained on tokens of many admitted frames in
-  token minibatches under a step/time budget, then checked by `validate_adapter` on held-out frames.
+  token minibatches under a step/time budget, then checked by `validate_adapter` on the newest frames,
+  held out (a time split), and on labelled positives (synthetic defects pasted into held-out frames,
+  operator labels when present).
 
 The loss labels every real token "normal". Over a buffer that would teach a recurring defect to be
-normal, hence `admit` (only confidently normal frames, abnormal-looking patches left out of the
-clean -> normal term) and the validation gate (non-finite values, flipped confident verdicts, collapsed
-score spread). See docs/tta.md.
+normal, hence `admit` (only confidently normal frames; abnormal-looking patches left out of the loss)
+and the validation gate (non-finite values, flipped confident verdicts, collapsed score spread, pixel
+AUROC and contrast on labelled positives against the serving version; never passed unchecked). The gate
+also calibrates the candidate's own pixel threshold on the held-out frames. See docs/tta.md.
 """
 
 from __future__ import annotations
@@ -35,6 +38,21 @@ from pipeline.model.text import TextFeatures
 
 MAD_TO_STD = 1.4826
 """Scale of the median absolute deviation that estimates a normal distribution's standard deviation."""
+
+NOISE_STREAM = 1
+"""Stream id of the noise generator derived from a seed (the init uses the seed itself)."""
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A seed for random stream `stream` derived from `seed` (splitmix64 of both).
+
+    The adapter's init and its noise must not come from generators seeded alike: the uniform init and
+    the Gaussian noise drawn from one seed are correlated (W·ε ≈ −0.33 where independent draws give ±0.03).
+    """
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(stream) + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,12 +138,18 @@ class GateRule:
     min_spread_ratio: float = 0.25
     """Refuse if the candidate's SD of p(abnormal) is below this multiple of the base model's."""
     min_confident: int = 10
-    """Flip shares are judged only over at least this many confident patches."""
+    """Flip shares are judged only over at least this many confident patches; a candidate with neither that
+    many confidently abnormal patches nor labelled positives to judge it on is refused, never passed unchecked."""
+    auroc_margin: float = 0.02
+    """Refuse if the candidate's pixel AUROC on the labelled positives is below the serving version's minus this."""
+    min_contrast_ratio: float = 0.5
+    """Refuse if the candidate's contrast (median p(abnormal) of labelled-abnormal pixels minus that of the other
+    pixels) is below this multiple of the serving version's: everything shifted towards one side. 0 = off."""
 
     @classmethod
     def from_settings(cls, s: Any) -> GateRule:
         return cls(s.gate_confident_z, s.gate_normal_z, s.gate_max_flip_share, s.gate_min_spread_ratio,
-                   s.gate_min_confident)
+                   s.gate_min_confident, s.gate_auroc_margin, s.gate_min_contrast_ratio)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,19 +188,26 @@ def tta_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss per sample over (..., N, 2) logits: w_e * entropy(clean) + w_h * (CE(clean, normal) + CE(noisy, abnormal)).
 
-    Means are over the N positions. `clean_mask` (..., N) keeps abnormal-looking patches out of the
-    clean -> normal term (buffered mode); the entropy and noisy -> abnormal terms use every position.
-    Returns the (...,) loss and its parts (detached).
+    Means are over the N positions. `clean_mask` (..., N) leaves abnormal-looking patches (admission)
+    out of *every* term: entropy minimisation would sharpen whatever the patch looks like now, and its
+    noisy copy's "abnormal" label says nothing about the patch itself. Returns the (...,) loss and its
+    parts (detached).
     """
     lc = clean_logits.float().log_softmax(-1)
     lz = noisy_logits.float().log_softmax(-1)
-    entropy = -(lc.exp() * lc).sum(-1).mean(-1)
-    noisy_abnormal = -lz[..., 1].mean(-1)
+    h = -(lc.exp() * lc).sum(-1)
     if clean_mask is None:
+        entropy = h.mean(-1)
+        noisy_abnormal = -lz[..., 1].mean(-1)
         clean_normal = -lc[..., 0].mean(-1)
     else:
         m = clean_mask.to(lc.dtype)
-        clean_normal = -(lc[..., 0] * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+        n = m.sum(-1).clamp_min(1.0)
+        # where() rather than a product: a masked position's values (even NaN) never reach loss or gradient
+        keep = clean_mask.bool()
+        entropy = torch.where(keep, h, 0.0).sum(-1) / n
+        noisy_abnormal = -torch.where(keep, lz[..., 1], 0.0).sum(-1) / n
+        clean_normal = -torch.where(keep, lc[..., 0], 0.0).sum(-1) / n
     loss = entropy_weight * entropy + hard_weight * (clean_normal + noisy_abnormal)
     parts = {"entropy": entropy.detach(), "clean_normal": clean_normal.detach(),
              "noisy_abnormal": noisy_abnormal.detach()}
@@ -247,7 +278,9 @@ def _adapt_per_frame(
             adapter.weight[sl] = one.weight
             adapter.bias[sl] = one.bias
         if p.steps > 0 and p.noise_std > 0:
-            gens = [torch.Generator(device=dev).manual_seed(s) for s in ([seeds[0]] if shared else seeds)]
+            # a stream of its own: noise drawn from the init's seed is correlated with the init
+            gens = [torch.Generator(device=dev).manual_seed(stream_seed(s, NOISE_STREAM))
+                    for s in ([seeds[0]] if shared else seeds)]
             noise = torch.stack([torch.randn(p.steps, n, c, generator=g, device=dev) for g in gens], dim=1)
             noise.mul_(p.noise_std)  # (steps, B or 1, N, C)
     losses = torch.zeros(p.steps, b)
@@ -279,6 +312,12 @@ class TokenSet:
     """(T,) bool: may be labelled normal (False for abnormal-looking patches)."""
     offsets: torch.Tensor
     """(F + 1,) int64: frame i owns rows offsets[i]:offsets[i+1]."""
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    """Each frame's token shape before flattening, e.g. (n_tiles, n_layers, P, C): what maps are rebuilt from."""
+    input_hw: list[tuple[int, int] | None] = field(default_factory=list)
+    """Each frame's model input size (None where unknown)."""
+    image_scores: list[float] = field(default_factory=list)
+    """Each frame's base-model image score (NaN where unknown)."""
 
     @property
     def n_frames(self) -> int:
@@ -289,8 +328,16 @@ class TokenSet:
         return int(self.tokens.shape[0])
 
     @classmethod
-    def from_frames(cls, tokens: Sequence[torch.Tensor], clean: Sequence[torch.Tensor] | None = None) -> TokenSet:
-        """Each frame's tokens (..., C) are flattened to (N_i, C); `clean` masks default to all True."""
+    def from_frames(
+        cls,
+        tokens: Sequence[torch.Tensor],
+        clean: Sequence[torch.Tensor] | None = None,
+        *,
+        input_hw: Sequence[tuple[int, int] | None] | None = None,
+        image_scores: Sequence[float] | None = None,
+    ) -> TokenSet:
+        """Each frame's tokens (..., C) are flattened to (N_i, C) (their shape is kept); `clean` masks default
+        to all True, in frame order (oldest first)."""
         if not tokens:
             raise ValueError("no frames")
         c = tokens[0].shape[-1]
@@ -299,23 +346,46 @@ class TokenSet:
             m.reshape(-1).bool().cpu() for m in clean
         ]
         sizes = torch.tensor([0] + [f.shape[0] for f in flat])
-        return cls(torch.cat(flat), torch.cat(masks), sizes.cumsum(0))
+        n = len(flat)
+        hw = list(input_hw) if input_hw is not None else [None] * n
+        scores = [float(x) for x in image_scores] if image_scores is not None else [math.nan] * n
+        if len(hw) != n or len(scores) != n:
+            raise ValueError(f"{n} frames but {len(hw)} input sizes and {len(scores)} image scores")
+        return cls(torch.cat(flat), torch.cat(masks), sizes.cumsum(0), [tuple(t.shape) for t in tokens], hw, scores)
+
+    def frame(self, i: int) -> torch.Tensor:
+        """Frame i's tokens in their original shape."""
+        rows = self.tokens[int(self.offsets[i]) : int(self.offsets[i + 1])]
+        return rows.reshape(self.shapes[i]) if self.shapes else rows
 
     def select(self, frames: torch.Tensor) -> TokenSet:
         """The frames with these indices (in this order)."""
         starts, ends = self.offsets[frames], self.offsets[frames + 1]
         idx = torch.cat([torch.arange(int(s), int(e)) for s, e in zip(starts, ends, strict=True)])
         sizes = torch.cat([torch.zeros(1, dtype=torch.long), (ends - starts).long()])
-        return TokenSet(self.tokens[idx.to(self.tokens.device)], self.clean[idx], sizes.cumsum(0))
+        pick = [int(i) for i in frames]
+        return TokenSet(self.tokens[idx.to(self.tokens.device)], self.clean[idx], sizes.cumsum(0),
+                        [self.shapes[i] for i in pick] if self.shapes else [],
+                        [self.input_hw[i] for i in pick] if self.input_hw else [],
+                        [self.image_scores[i] for i in pick] if self.image_scores else [])
 
-    def split(self, holdout: float, generator: torch.Generator) -> tuple[TokenSet, TokenSet]:
-        """(train, validation) by whole frames, so validation frames are never trained on."""
+    def split(self, holdout: float) -> tuple[TokenSet, TokenSet]:
+        """(train, validation) by whole frames and by time: the newest `holdout` share is held out.
+
+        Consecutive frames of a line are near-duplicates, so a random split would validate on copies of
+        training frames; the newest frames are also the ones the next version will serve.
+        """
         f = self.n_frames
-        if f < 2:
-            raise ValueError("need at least 2 frames to hold some out")
-        n_val = min(f - 1, max(1, round(holdout * f)))
-        perm = torch.randperm(f, generator=generator)
-        return self.select(perm[n_val:].sort().values), self.select(perm[:n_val].sort().values)
+        n_val = holdout_count(f, holdout)
+        order = torch.arange(f)
+        return self.select(order[: f - n_val]), self.select(order[f - n_val :])
+
+
+def holdout_count(n_frames: int, holdout: float) -> int:
+    """How many of `n_frames` (oldest first) `TokenSet.split` holds out: the newest ones."""
+    if n_frames < 2:
+        raise ValueError("need at least 2 frames to hold some out")
+    return min(n_frames - 1, max(1, round(holdout * n_frames)))
 
 
 @dataclass
@@ -395,8 +465,9 @@ def train_buffered(
 ) -> tuple[ResidualAdapter, TrainLog]:
     """One fresh adapter trained on token minibatches of `train` until the step or time budget ends.
 
-    Minibatches are `batch_tokens` tokens drawn without replacement (epoch-wise permutation) from all
-    training frames; each step adds fresh noise. `progress(step, loss)` is called after every step.
+    Minibatches are `batch_tokens` tokens drawn without replacement (epoch-wise permutation) from the
+    clean tokens of all training frames: tokens masked at admission are never read. Each step adds fresh
+    noise. `progress(step, loss)` is called after every step.
     """
     p = params or TTAParams()
     bud = budget or BufferedBudget()
@@ -419,9 +490,14 @@ def _train_buffered(
     emb = text.class_embeddings.float()
     adapter = create_adapter(kind, text, p.residual, generator=g)
     adapter.compute_dtype = p.compute_dtype
-    noise_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+    noise_seed = stream_seed(int(torch.randint(0, 2**62, (1,), generator=g)), NOISE_STREAM)
+    noise_gen = torch.Generator(device=dev).manual_seed(noise_seed)
     opt = _adamw([adapter.weight, adapter.bias], p)
-    t = train.n_tokens
+    pool = train.clean.nonzero().reshape(-1)  # masked (abnormal-looking) tokens take no part at all
+    t = int(pool.numel())
+    if t == 0:
+        adapter.requires_grad_(False)
+        return adapter, TrainLog(0, 0.0, "no-clean-tokens", [], {}, 0)
     bs = max(1, min(bud.batch_tokens, t))
     perm, pos = torch.randperm(t, generator=g), 0
     losses: list[float] = []
@@ -434,13 +510,12 @@ def _train_buffered(
             break
         if pos + bs > t:
             perm, pos = torch.randperm(t, generator=g), 0
-        idx = perm[pos : pos + bs]
+        idx = pool[perm[pos : pos + bs]]
         pos += bs
         x = train.tokens[idx.to(train.tokens.device)].to(dev, torch.float32).clone()
-        mask = train.clean[idx].to(dev)
         noisy = x + p.noise_std * torch.randn(x.shape, generator=noise_gen, device=dev) if p.noise_std > 0 else x
         logits = token_logits(adapter(torch.cat([x, noisy])), emb, temperature)
-        loss, lp = tta_loss(logits[:bs], logits[bs:], p.entropy_weight, p.hard_weight, mask)
+        loss, lp = tta_loss(logits[:bs], logits[bs:], p.entropy_weight, p.hard_weight)
         if not bool(torch.isfinite(loss)):
             stopped = "non-finite"
             losses.append(float("nan"))
@@ -473,19 +548,111 @@ def _quantiles(s: torch.Tensor) -> dict[str, float]:
     return {"p50": v[0], "p99": v[1], "p999": v[2]}
 
 
+TokenAdapterFn = Callable[[torch.Tensor], torch.Tensor]
+
+MapFn = Callable[[torch.Tensor, "tuple[int, int] | None", "TokenAdapterFn | None"], torch.Tensor]
+"""(one frame's raw tokens, e.g. (n_tiles, n_layers, P, C); its model input size or None; an adapter or None)
+-> its (h, w) anomaly map. The worker passes `AnoCLIP.maps_from_tokens`; `grid_map_fn` stands in without a model."""
+
+
+def grid_map_fn(text: TextFeatures, temperature: float = 1.0) -> MapFn:
+    """Maps of single-tile frames at token-grid resolution: p(abnormal) per patch, mean over the leading dims
+    (layers), bilinearly resized to the input size. The model's own maps add a 3x3 box filter and merge tiles."""
+
+    def fn(tokens: torch.Tensor, hw: tuple[int, int] | None, adapter: TokenAdapterFn | None) -> torch.Tensor:
+        p = patch_scores(tokens, text, adapter, temperature)
+        n = p.shape[-1]
+        g = math.isqrt(n)
+        if g * g != n:
+            raise ValueError(f"{n} patches are not a square grid; pass the model's map function")
+        m = p.reshape(-1, n).mean(0).reshape(1, 1, g, g)
+        if hw is not None and tuple(hw) != (g, g):
+            m = F.interpolate(m, size=tuple(hw), mode="bilinear", align_corners=False)
+        return m[0, 0]
+
+    return fn
+
+
+@dataclass
+class LabelledFrame:
+    """A validation frame with labelled abnormal pixels: a synthetic defect pasted into a held-out frame, or
+    (a later issue) an operator-confirmed alert with its mask. Its tokens come from the base model."""
+
+    tokens: torch.Tensor
+    """Raw tokens of the frame as scored, e.g. (n_tiles, n_layers, P, C)."""
+    mask: torch.Tensor
+    """(h, w) bool at the model input size: True = labelled abnormal."""
+    source: str = "synthetic"
+    """synthetic | operator"""
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return int(self.mask.shape[0]), int(self.mask.shape[1])
+
+
+_MAX_AUROC_PIXELS = 2_000_000
+
+
+def pixel_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC of `scores` against boolean `labels` (ties count half); NaN when one class is absent."""
+    s = scores.reshape(-1).double()
+    y = labels.reshape(-1).bool()
+    n_pos = int(y.sum())
+    n_neg = int(y.numel()) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = torch.argsort(s)
+    _, inverse, counts = torch.unique_consecutive(s[order], return_inverse=True, return_counts=True)
+    avg_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based mean rank of each tie group
+    ranks = torch.empty_like(s)
+    ranks[order] = avg_rank[inverse]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _labelled_maps(
+    adapter: TokenAdapterFn | None, positives: Sequence[LabelledFrame], map_fn: MapFn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All pixels of the labelled frames under `adapter`: (scores, labels), at most ~2M (even stride)."""
+    scores, labels = [], []
+    for f in positives:
+        m = map_fn(f.tokens, f.input_hw, adapter).float().cpu()
+        if tuple(m.shape) != f.input_hw:
+            raise ValueError(f"map of shape {tuple(m.shape)} for a mask of {f.input_hw}")
+        scores.append(m.reshape(-1))
+        labels.append(f.mask.reshape(-1).bool().cpu())
+    s, y = torch.cat(scores), torch.cat(labels)
+    if s.numel() > _MAX_AUROC_PIXELS:
+        keep = torch.arange(0, s.numel(), math.ceil(s.numel() / _MAX_AUROC_PIXELS))
+        s, y = s[keep], y[keep]
+    return s, y
+
+
+def _contrast(s: torch.Tensor, y: torch.Tensor) -> float:
+    """Median p(abnormal) of the labelled-abnormal pixels minus the median of the others."""
+    return float(s[y].median() - s[~y].median())
+
+
 def validate_adapter(
-    candidate: Callable[[torch.Tensor], torch.Tensor],
+    candidate: TokenAdapterFn,
     val: TokenSet,
     text: TextFeatures,
     rule: GateRule | None = None,
     *,
     temperature: float = 1.0,
+    serving: TokenAdapterFn | None = None,
+    positives: Sequence[LabelledFrame] = (),
+    map_fn: MapFn | None = None,
 ) -> GateResult:
-    """Check a candidate on held-out frames against the base model; refuse it with reasons if it is unsafe.
+    """Check a candidate on held-out frames and labelled positives; refuse it with reasons if it is unsafe.
 
-    Refusals: non-finite outputs; more than `max_flip_share` of confidently abnormal patches (base z >=
-    confident_z) no longer standing out (candidate z < normal_z), or of confidently normal patches
-    (base z <= normal_z) becoming confidently abnormal; the spread of p(abnormal) collapsing.
+    Refusals: non-finite outputs; the spread of p(abnormal) on the held-out frames collapsing against the
+    base model's; more than `max_flip_share` of confidently abnormal patches (base z >= confident_z) no
+    longer standing out (candidate z < normal_z), or of confidently normal patches (base z <= normal_z)
+    becoming confidently abnormal; on the labelled positives (`positives`, e.g. synthetic defects pasted
+    into held-out frames), a pixel AUROC below the serving version's (`serving`, None = the base model)
+    minus `auroc_margin`, or a contrast below `min_contrast_ratio` of the serving version's (every pixel
+    shifted towards one side); and a candidate with nothing abnormal to judge it on (fewer than
+    `min_confident` confidently abnormal patches and no labelled positives) is refused, never passed.
     """
     r = rule or GateRule()
     base = patch_scores(val.tokens, text, None, temperature)
@@ -503,6 +670,8 @@ def validate_adapter(
     if ratio < r.min_spread_ratio:
         reasons.append(f"score spread collapsed: SD {cand_sd:.3g} is {ratio:.2f}x the base model's "
                        f"(< {r.min_spread_ratio})")
+    base_mad = float((base - base.median()).abs().median()) * MAD_TO_STD
+    figures["normal_shift_z"] = float(cand.median() - base.median()) / max(base_mad, 1e-12)
     z0, z1 = robust_z(base), robust_z(cand)
     conf_abn, conf_norm = z0 >= r.confident_z, z0 <= r.normal_z
     n_abn, n_norm = int(conf_abn.sum()), int(conf_norm.sum())
@@ -516,10 +685,81 @@ def validate_adapter(
     if n_norm >= r.min_confident and flip_norm > r.max_flip_share:
         reasons.append(f"{flip_norm:.1%} of {n_norm} confidently normal patches became abnormal "
                        f"(> {r.max_flip_share:.0%})")
-    for name, s in (("base", base), ("candidate", cand)):
-        for k, v in _quantiles(s).items():
+    n_labelled = 0
+    if positives:
+        fn = map_fn or grid_map_fn(text, temperature)
+        sc, y = _labelled_maps(candidate, positives, fn)
+        ss, _ = _labelled_maps(serving, positives, fn)
+        n_labelled = int(y.sum())
+        figures.update({"labelled_frames": float(len(positives)), "labelled_pixels": float(n_labelled),
+                        "operator_frames": float(sum(f.source == "operator" for f in positives))})
+        if not bool(torch.isfinite(sc).all()):
+            reasons.append("the candidate produces non-finite maps on the labelled frames")
+            return GateResult(False, reasons, figures)
+        if n_labelled and n_labelled < y.numel():
+            auc_c, auc_s = pixel_auroc(sc, y), pixel_auroc(ss, y)
+            con_c, con_s = _contrast(sc, y), _contrast(ss, y)
+            figures.update({"pixel_auroc_candidate": auc_c, "pixel_auroc_serving": auc_s,
+                            "contrast_candidate": con_c, "contrast_serving": con_s,
+                            "contrast_ratio": con_c / con_s if con_s > 0 else math.nan})
+            if auc_c < auc_s - r.auroc_margin:
+                reasons.append(f"pixel AUROC on {len(positives)} labelled frames fell to {auc_c:.3f} from the "
+                               f"serving version's {auc_s:.3f} (margin {r.auroc_margin})")
+            if r.min_contrast_ratio > 0 and con_s > 0 and con_c < r.min_contrast_ratio * con_s:
+                reasons.append(f"contrast of the labelled defects collapsed: {con_c:.3g} vs the serving version's "
+                               f"{con_s:.3g} (< {r.min_contrast_ratio}x): every pixel shifted towards one side")
+    if n_abn < r.min_confident and n_labelled < r.min_confident:
+        reasons.append(f"nothing abnormal to validate against: {n_abn} confidently abnormal patches and "
+                       f"{n_labelled} labelled abnormal pixels (need {r.min_confident}); a candidate is never "
+                       "promoted unchecked")
+    for name, sv in (("base", base), ("candidate", cand)):
+        for k, v in _quantiles(sv).items():
             figures[f"{name}_{k}"] = v
     return GateResult(not reasons, reasons, figures)
+
+
+_CALIBRATION_PIXELS = 4096
+"""Pixels sampled per held-out frame for the pixel threshold (enough for a 0.999 quantile over many frames)."""
+_CALIBRATION_FRAMES = 64
+"""The newest held-out frames the pixel threshold is calibrated on: 262k sampled pixels, ~260 above a 0.999
+quantile; a map costs about a tenth of a frame's scoring, so all 200 of a 1,000-frame refresh would add ~2%."""
+
+
+def calibrate_thresholds(
+    adapter: TokenAdapterFn | None,
+    val: TokenSet,
+    map_fn: MapFn,
+    *,
+    quantile: float = 0.99,
+    pixel_quantile: float = 0.999,
+    image_changes: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The thresholds a version carries, calibrated on held-out normal frames (as the line calibrates its own).
+
+    pixel: the `pixel_quantile` of the version's map pixels on the newest (at most 64) frames of `val`;
+    pixel_median colours heatmaps.
+    image: the `quantile` of the held-out image scores when the version changes image scores
+    (`image_changes`); an adapter never does, and admission truncates the held-out image scores (a
+    recalibrated image threshold would be biased low), so for adapters it is None (the line's applies)
+    and the held-out quantile is kept as `image_heldout` for the record.
+    """
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    first = max(0, val.n_frames - _CALIBRATION_FRAMES)
+    for i in range(first, val.n_frames):
+        hw = val.input_hw[i] if val.input_hw else None
+        m = map_fn(val.frame(i), hw, adapter).float().reshape(-1).cpu()
+        if m.numel() > _CALIBRATION_PIXELS:
+            m = m[torch.randint(0, m.numel(), (_CALIBRATION_PIXELS,), generator=g)]
+        samples.append(m)
+    px = torch.cat(samples).double()
+    qs = torch.quantile(px, torch.tensor([pixel_quantile, 0.5], dtype=torch.float64)).tolist()
+    scores = torch.tensor([v for v in (val.image_scores or []) if math.isfinite(v)], dtype=torch.float64)
+    heldout = float(torch.quantile(scores, quantile)) if scores.numel() else None
+    return {"pixel": qs[0], "pixel_median": qs[1], "image": heldout if image_changes else None,
+            "image_heldout": heldout, "frames": val.n_frames - first, "quantile": quantile,
+            "pixel_quantile": pixel_quantile}
 
 
 @dataclass
@@ -548,6 +788,9 @@ class TrainingReport:
     gate: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     """Filled by callers: line, training window, admission statistics, files written."""
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    """The candidate's own thresholds, calibrated on the held-out frames (`calibrate_thresholds`); the
+    version carries them, so the worker's masks follow the version it serves."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (an unlimited time budget becomes None)."""
@@ -576,9 +819,17 @@ def refresh_adapter(
     min_frames: int = 20,
     temperature: float = 1.0,
     progress: Callable[[int, float], None] | None = None,
+    serving: TokenAdapterFn | None = None,
+    positives: Sequence[LabelledFrame] = (),
+    map_fn: MapFn | None = None,
+    quantiles: tuple[float, float] = (0.99, 0.999),
 ) -> tuple[ResidualAdapter | None, TrainingReport]:
-    """Split the buffered frames, train a candidate on the training part, gate it on the held-out part.
+    """Split the buffered frames by time, train a candidate on the older part, gate it on the newest part.
 
+    `positives`: labelled frames for the gate (synthetic defects pasted into the held-out frames, operator
+    labels); `serving`: the version the candidate would replace (None = the base model); `map_fn`: how a
+    frame's map is built from its tokens (default `grid_map_fn`); `quantiles`: (image, pixel) quantiles of
+    the candidate's own thresholds, calibrated on the held-out frames (`report.thresholds`).
     Returns (candidate, report); the candidate is None when there was nothing to train. Callers must
     promote it only when `report.accepted`.
     """
@@ -597,16 +848,24 @@ def refresh_adapter(
 
     if frames.n_frames < max(2, min_frames):
         return None, report(reasons=[f"only {frames.n_frames} admitted frames (need {max(2, min_frames)})"])
-    train, val = frames.split(holdout, g)
+    train, val = frames.split(holdout)
     adapter, log = train_buffered(train, text, kind, p, bud, temperature=temperature, generator=g, progress=progress)
     t0 = time.perf_counter()
+    fn = map_fn or grid_map_fn(text, temperature)
+    thresholds: dict[str, Any] = {}
     if log.stopped_by == "non-finite":
         result = GateResult(False, ["training produced a non-finite loss"], {"finite": 0.0})
+    elif log.stopped_by == "no-clean-tokens":
+        result = GateResult(False, ["no clean tokens to train on: admission masked every patch"], {})
     else:
-        result = validate_adapter(adapter, val, text, gr, temperature=temperature)
+        result = validate_adapter(adapter, val, text, gr, temperature=temperature, serving=serving,
+                                  positives=positives, map_fn=fn)
+        if result.figures.get("finite", 0.0):
+            thresholds = calibrate_thresholds(adapter, val, fn, quantile=quantiles[0], pixel_quantile=quantiles[1],
+                                              seed=p.seed)
     rep = report(accepted=result.accepted, reasons=result.reasons, steps=log.steps, seconds=log.seconds,
                  gate_seconds=time.perf_counter() - t0, stopped_by=log.stopped_by, losses=log.losses,
                  loss_parts=log.parts, frames_train=train.n_frames, frames_val=val.n_frames,
                  tokens_train=train.n_tokens, tokens_masked=int((~train.clean).sum()), tokens_seen=log.tokens_seen,
-                 validation=result.figures)
+                 validation=result.figures, thresholds=thresholds)
     return adapter, rep

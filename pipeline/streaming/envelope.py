@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pipeline.errors import AnoclipError
+from pipeline.redis_keys import FRAME_ID_MAX_LEN, frame_id_problem
 
 # --- wire names -----------------------------------------------------------------------------------
 H_FRAME_ID = "frame-id"
@@ -36,7 +37,7 @@ H_FAILED_AT = "failed-at"
 SCHEMA_VERSION = "1"
 SUPPORTED_SCHEMAS = frozenset({SCHEMA_VERSION})
 CONTENT_TYPES = ("image/jpeg", "image/png")
-MAX_ID_LEN = 200
+MAX_ID_LEN = FRAME_ID_MAX_LEN
 MAX_HEADER_BYTES = 1024
 
 # error stages: where in the worker a frame was refused
@@ -45,6 +46,8 @@ STAGE_SIZE = "size"
 STAGE_LINE = "line"
 STAGE_DECODE = "decode"
 STAGE_INSPECT = "inspect"
+STAGE_CONFLICT = "conflict"
+"""The frame's id was published before with other content (a reused id, not a replay)."""
 
 Headers = Sequence[tuple[str, bytes | None]]
 
@@ -125,13 +128,13 @@ def parse_meta(headers: Iterable[tuple[str, bytes | None]] | None) -> FrameMeta:
         raise EnvelopeError(f"missing header{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}",
                             STAGE_HEADERS)
     frame_id = _text(hs, H_FRAME_ID)
-    if len(frame_id) > MAX_ID_LEN or any(c in frame_id for c in " {}*?[]"):
-        raise EnvelopeError(f"malformed header 'frame-id': {frame_id[:80]!r} (at most {MAX_ID_LEN} characters, "
-                            "no spaces, braces or glob characters)", STAGE_HEADERS)
+    problem = frame_id_problem(frame_id)  # the rule the dashboard's URLs use too (pipeline.redis_keys)
+    if problem:
+        raise EnvelopeError(f"malformed header 'frame-id': {frame_id[:80]!r}: {problem}", STAGE_HEADERS)
     line = _text(hs, H_LINE_ID)
     camera = _text(hs, H_CAMERA_ID)
     ts_text = _text(hs, H_CAPTURE_TS)
-    if not ts_text.isdigit():
+    if not (ts_text.isascii() and ts_text.isdigit()):  # '²' is a digit to isdigit() but not to int()
         raise EnvelopeError(f"malformed header 'capture-ts': {ts_text[:40]!r} is not nanoseconds since the epoch",
                             STAGE_HEADERS)
     capture_ts = int(ts_text)

@@ -14,13 +14,19 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from pipeline.redaction import install_log_redaction, register_secrets
 from pipeline.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 
 def client_config(ks: KafkaSettings) -> dict[str, Any]:
-    """Connection and security options shared by producers, consumers and the admin client."""
+    """Connection and security options shared by producers, consumers and the admin client.
+
+    The SASL password is registered for redaction (kafka-python logs its whole configuration at DEBUG).
+    """
+    register_secrets(ks.sasl_password)
+    install_log_redaction()
     cfg: dict[str, Any] = {
         "bootstrap_servers": [s.strip() for s in ks.bootstrap_servers.split(",") if s.strip()],
         "client_id": ks.client_id,

@@ -1,7 +1,8 @@
 """Sending frames to the frames topic: the producer used by `anoclip produce`, the demo and the tests.
 
-Each frame is one record: the encoded image as value, the envelope as headers, the line id as key (so
-a line's frames stay ordered in one partition). Sends are asynchronous; a failed send is retried and
+Each frame is one record: the encoded image as value, the envelope as headers, and as key the frame id
+(`kafka.partition_key`, see `record_key`), so one line's frames spread over every partition and as many
+workers as partitions share a line. Sends are asynchronous; a failed send is retried and
 a producer that turns fatal (e.g. after a broker restart) is recreated, so the count at the end is what
 the broker acknowledged.
 """
@@ -41,6 +42,20 @@ def new_frame_id(line: str) -> str:
     return f"{line}.{uuid.uuid4().hex}"
 
 
+def record_key(partition_key: str, frame_id: str, line: str, camera: str) -> bytes:
+    """The Kafka key of a frame, which picks its partition (`kafka.partition_key`).
+
+    `frame` (default): the frame id. A line spreads over all partitions, so its frames are scored by every
+    worker in parallel; nothing per line needs them in order: thresholds calibrate on a quantile of the
+    warm-up scores (any sample of the line's frames will do), TTA buffers admit frames by robust statistics
+    of a window, adapters are versioned in Redis and served to every worker alike, and the line's `latest`
+    keys move by capture time, never by arrival. A resend of the same frame id lands on the same partition,
+    after the original, where it is skipped as a replay. `camera`: one camera's frames in order on one
+    partition. `line`: the old keying, one partition (one worker) per line.
+    """
+    return {"frame": frame_id, "camera": camera, "line": line}[partition_key].encode()
+
+
 class FrameProducer:
     """Sends frames; retries failed sends and recreates the client after a fatal error."""
 
@@ -59,7 +74,7 @@ class FrameProducer:
         fid = frame_id or new_frame_id(line)
         headers = build_headers(fid, line, camera, capture_ts_ns or time.time_ns(), frame.content_type,
                                 extra=frame.extra_headers)
-        self._send(line.encode(), frame.data, headers, 1)
+        self._send(record_key(self.settings.kafka.partition_key, fid, line, camera), frame.data, headers, 1)
         self.stats.sent += 1
         self.stats.frame_ids.append(fid)
         return fid

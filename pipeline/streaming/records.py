@@ -10,9 +10,11 @@ added here, once, with its default (see docs/contracts.md).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.describe import verdict_note
 from pipeline.streaming.envelope import FrameMeta
 
 if TYPE_CHECKING:  # the dashboard reads records without loading torch
@@ -27,6 +29,15 @@ def is_anomalous_verdict(value: Any) -> bool:
     if isinstance(value, bool | int | float):
         return bool(value)
     return str(value).strip().lower() in (ANOMALOUS, "1", "true")
+
+
+def _to_frame_pixels(region: dict[str, Any], sx: float, sy: float, width: int, height: int) -> dict[str, Any]:
+    """A region found on a mask drawn at 1/sx x 1/sy of the frame, in frame pixels (box ends exclusive)."""
+    if sx == 1 and sy == 1:
+        return region
+    x0, y0, x1, y1 = region["box"]
+    box = [math.floor(x0 * sx), math.floor(y0 * sy), min(width, math.ceil(x1 * sx)), min(height, math.ceil(y1 * sy))]
+    return {**region, "area": round(region["area"] * sx * sy), "box": box}
 
 
 @dataclass
@@ -64,13 +75,17 @@ class FrameResult:
     @classmethod
     def from_inspection(cls, insp: Inspection, meta: FrameMeta, *, width: int, height: int, partition: int,
                         offset: int, worker: str) -> FrameResult:
-        """The worker's record of a frame it scored."""
+        """The worker's record of a frame it scored. A mask rendered smaller than the frame (`worker.
+        render_max_side`) has its regions and defect area scaled back to frame pixels."""
+        mh, mw = insp.mask.shape[:2]
+        sx, sy = width / mw, height / mh
         return cls(
             frame_id=meta.frame_id, line=meta.line, capture_ts_ns=meta.capture_ts_ns,
             score=round(insp.score, 6), anomalous=bool(insp.verdict), threshold=round(insp.image_threshold, 6),
             pixel_threshold=round(insp.pixel_threshold, 6), threshold_source=insp.threshold_source,
-            max_pixel_score=round(insp.max_pixel_score, 6), defect_area=int(insp.mask.sum()),
-            regions=[r.to_dict() for r in insp.regions], adapter_version=insp.adapter_version,
+            max_pixel_score=round(insp.max_pixel_score, 6), defect_area=round(int(insp.mask.sum()) * sx * sy),
+            regions=[_to_frame_pixels(r.to_dict(), sx, sy, width, height) for r in insp.regions],
+            adapter_version=insp.adapter_version,
             timings_ms={k: round(v, 3) for k, v in insp.timings.items()}, camera=meta.camera,
             content_type=meta.content_type, width=width, height=height, partition=partition, offset=offset,
             worker=worker, synthetic_defect=meta.synthetic_defect,
@@ -90,6 +105,9 @@ class FrameResult:
         }
         if self.synthetic_defect is not None:
             d["synthetic_defect"] = self.synthetic_defect
+        note = verdict_note(self.anomalous, self.defect_area, self.width, self.height)
+        if note:  # the image score decides; a mask that disagrees is said so (pipeline/describe.py)
+            d["verdict_note"] = note
         return d
 
     @classmethod
@@ -128,7 +146,8 @@ class FrameResult:
     def alert_entry(self, *, mask_key: str, heatmap_key: str, image_key: str) -> dict[str, Any]:
         """The alerts-stream entry of an anomalous frame."""
         return {**self._common(), "regions": self.regions, "defect_area": self.defect_area, "mask_key": mask_key,
-                "heatmap_key": heatmap_key, "image_key": image_key, "content_type": self.content_type}
+                "heatmap_key": heatmap_key, "image_key": image_key, "content_type": self.content_type,
+                "width": self.width, "height": self.height}
 
     def live_event(self) -> dict[str, Any]:
         """The pub/sub notification the dashboard's live feed receives."""

@@ -284,7 +284,8 @@ class Pipeline:
 def make_pipeline_config(broker: Broker, redis_url: str, text_cache: Path, **worker: Any) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     return {
-        "model": {"arch": "anoclip-tiny", "pretrained": "none", "device": "cpu", "text_cache_dir": str(text_cache)},
+        "model": {"arch": "anoclip-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32",
+                  "text_cache_dir": str(text_cache)},
         "lines": [
             {**TINY_LINES[0], "threshold": {"image": 0.0, "pixel": 0.0}},  # bottle: every frame is an alert
             {**TINY_LINES[1], "threshold": {"image": 1.01}},  # wood: never an alert

@@ -61,6 +61,9 @@ OUT = Path(os.environ.get("ANOCLIP_TEST_OUTPUT", REPO / "test-output")) / "dashb
 CHROMIUM = os.environ.get("ANOCLIP_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ANOCLIP_CHROMEDRIVER", "/usr/bin/chromedriver")
 TOKEN = "dashboard-browser-test-token"
+OPERATOR = "inspector-anna"
+"""The name the dashboard's token carries: labels set in the browser are recorded under it."""
+STALE_S = 6.0
 REDIS_PASSWORD = "compose-acl-password"
 FRAME_W, FRAME_H = 240, 160
 UI_S = 20.0
@@ -81,7 +84,9 @@ class AclRedis:
         self.port = stack.free_port()
         compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
         values = {"REDIS_PASSWORD": REDIS_PASSWORD, "REDIS_ADMIN_PASSWORD": "compose-admin-password"}
-        args = [re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: values[m.group(1)], a)
+        # Compose interpolation: ${VAR:?error} needs a value, ${VAR:-default} falls back to its default.
+        args = [re.sub(r"\$\{(\w+):([?-])([^}]*)\}",
+                       lambda m: values[m.group(1)] if m.group(2) == "?" else values.get(m.group(1), m.group(3)), a)
                 for a in compose["services"]["redis"]["command"]]
         assert args[0] == "redis-server" and ">" + REDIS_PASSWORD in args, f"unexpected compose command {args}"
         exe = shutil.which("redis-server")
@@ -136,7 +141,7 @@ class DashboardProc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, TOKEN_ENV: TOKEN, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, TOKEN_ENV: f"{OPERATOR}:{TOKEN}", "PYTHONUNBUFFERED": "1"}
         env.pop("ANOCLIP_CONFIG", None)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -266,9 +271,12 @@ def live(broker: Broker, text_cache_dir: Path, tmp_path_factory: pytest.TempPath
     # the compose ACL allows only anoclip:* keys: the real prefix, on a Redis this test owns alone
     cfg["redis"].update(prefix="anoclip", username="anoclip", password=REDIS_PASSWORD)
     cfg["lines"][0]["threshold"] = {"image": 0.0, "warmup_frames": 1, "pixel_quantile": 0.9}  # bottle: alerts
+    cfg["dashboard"] = {"stale_after_s": STALE_S, "guess_limit": 20}
     pipeline = Pipeline(cfg, base, acl_redis)  # type: ignore[arg-type]  # same client()/url surface
     ensure_topics(pipeline.settings.kafka)
     worker = pipeline.start_worker("dash-w1")
+    # a line only the dashboard knows: no worker's heartbeat names it
+    pipeline.config["lines"].append({"id": "press", "class_name": "press", "domain": "object"})
     dashboard = DashboardProc(pipeline.config_path, stack.free_port(), base / "dashboard.log")
     driver = None
     producer = None
@@ -388,6 +396,91 @@ def test_new_alert_appears_without_reload_and_opens_its_detail_view(live: LiveSt
         assert r.read() == original, "the detail view shows the original frame bytes"
     assert Image.open(io.BytesIO(original)).size == (FRAME_W, FRAME_H)
     screenshot(d, "alert.png")
+
+
+def test_an_operator_labels_an_alert_and_finds_it_in_the_audit(live: LiveStack) -> None:
+    open_dashboard(live)
+    d = live.driver
+    fid = live.send("bottle", "scratch")
+    item = f"li.alert-item[data-frame-id=\"{fid}\"]"
+    wait_js(d, f"document.querySelector('{item}')", f"alert {fid} in the list")
+    assert js(d, f"return document.querySelector('{item}').dataset.label") == "new"
+    assert "% of frame" in js(d, f"return document.querySelector('{item} .region-text').textContent"), \
+        "regions are described in words, not raw boxes"
+    d.find_element("css selector", f"{item} a.alert-link").click()
+    wait_js(d, "document.body.dataset.state === 'loaded'", f"the detail view of alert {fid}")
+    assert js(d, "return document.body.dataset.label") == "new"
+    wait_js(d, f"document.getElementById('who').textContent.includes('{OPERATOR}')", "the operator's name")
+    d.find_element("id", "ack").click()
+    wait_js(d, "document.body.dataset.label === 'acknowledged'", "the acknowledgement to be saved")
+    d.find_element("css selector", "input[name='label'][value='confirmed']").click()
+    d.find_element("id", "defect-type").send_keys("scratch")
+    d.find_element("id", "mask-is-defect").click()
+    d.find_element("id", "save-label").click()
+    wait_js(d, "document.body.dataset.label === 'confirmed'", "the label to be saved")
+    assert f"labelled confirmed: scratch by {OPERATOR}" in js(d, "return document.getElementById('label-status')"
+                                                                 ".textContent")
+    d.find_element("id", "comment").send_keys("deep scratch near the cap")
+    d.find_element("id", "add-comment").click()
+    wait_js(d, "document.querySelectorAll('#label-history li').length === 3", "three entries in the history")
+    screenshot(d, "labelled.png")
+
+    d.get(f"{live.dashboard.url}/audit")
+    rows = f"#audit tr[data-frame-id=\"{fid}\"]"
+    wait_js(d, f"document.querySelectorAll('{rows}').length === 3", f"the audit rows of {fid}")
+    actions = js(d, f"return [...document.querySelectorAll('{rows}')].map((r) => [r.dataset.action, r.dataset.actor])")
+    assert actions == [["comment", OPERATOR], ["label", OPERATOR], ["acknowledge", OPERATOR]], actions
+    assert "confirmed: scratch" in js(d, f"return document.querySelectorAll('{rows}')[1].textContent")
+    screenshot(d, "audit.png")
+    label = live.redis.client().hgetall(live.pipeline.keys.label(fid))
+    assert label[b"labelled_by"] == OPERATOR.encode() and label[b"defect_type"] == b"scratch"
+
+    open_dashboard(live)  # the live list shows the label; the line's counts and metrics include it
+    wait_js(d, f"document.querySelector('{item}') && document.querySelector('{item}').dataset.label === 'confirmed'",
+            "the label on the live alert list")
+    wait_js(d, "document.querySelector('#line-bottle .labels').textContent.includes('scratch 1')",
+            "line bottle's label counts")
+    with urllib.request.urlopen(f"{live.dashboard.url}/metrics", timeout=5) as r:
+        assert 'anoclip_confirmed_defects{defect_type="scratch",line="bottle"} 1.0' in r.read().decode()
+
+
+def test_cards_say_stale_and_no_worker_keep_their_order_and_filters_page(live: LiveStack) -> None:
+    fid = live.send("wood", None)
+    wait_for(lambda: live.published(fid), 60, "a frame of line wood")
+    open_dashboard(live)
+    d = live.driver
+    order = ["bottle", "wood", "pcb1", "press"]
+    wait_js(d, "document.querySelectorAll('#lines .line-card').length === 4", "four line cards")
+    assert js(d, "return [...document.querySelectorAll('#lines .line-card')].map((c) => c.dataset.line)") == order
+    wait_js(d, "document.querySelector('#line-press').dataset.state === 'no_worker'", "line press without a worker")
+    assert js(d, "return document.querySelector('#line-press .verdict').textContent") == "NO WORKER"
+    wait_js(d, "document.querySelector('#line-wood').dataset.state === 'live'", "line wood live after its frame")
+    wait_js(d, "document.querySelector('#line-wood').dataset.state === 'stale'", "line wood to turn stale",
+            timeout=STALE_S + 15)
+    assert js(d, "return document.querySelector('#line-wood .verdict').textContent") == "STALE"
+    assert "no frame for" in js(d, "return document.querySelector('#line-wood .status-text').textContent")
+    ticks = js(d, "return [...document.querySelectorAll('#line-bottle .chart .time-tick')].map((t) => t.textContent)")
+    assert ticks and all(re.search(r"\d{1,2}:\d{2}", t) for t in ticks), f"a wall-clock time axis, got {ticks}"
+    wait_js(d, "Number(document.querySelector('#line-bottle .yield').dataset.fail) > 0", "bottle's fails this hour")
+    screenshot(d, "stale.png")
+    d.refresh()
+    wait_js(d, "document.querySelectorAll('#lines .line-card').length === 4", "four line cards after a reload")
+    assert js(d, "return [...document.querySelectorAll('#lines .line-card')].map((c) => c.dataset.line)") == order
+
+    # alerts: filter by line (wood never alerts) and page back through bottle's
+    d.find_element("css selector", "#alert-filters select[name='line'] option[value='wood']").click()
+    d.find_element("css selector", "#alert-filters button[type='submit']").click()
+    wait_js(d, "!document.getElementById('no-alerts').hidden && "
+               "document.getElementById('no-alerts').textContent.includes('filter')", "no alert of line wood")
+    d.find_element("css selector", "#alert-filters select[name='line'] option[value='bottle']").click()
+    d.find_element("css selector", "#alert-filters button[type='submit']").click()
+    wait_js(d, "document.querySelectorAll('#alert-list li').length > 0 && [...document.querySelectorAll("
+               "'#alert-list li')].every((li) => li.dataset.line === 'bottle')", "only bottle's alerts")
+    # frames: normal verdicts only
+    d.find_element("css selector", "#frame-filters select[name='verdict'] option[value='normal']").click()
+    d.find_element("css selector", "#frame-filters button[type='submit']").click()
+    wait_js(d, "Number(document.getElementById('frames-panel').dataset.rows) > 0 && [...document.querySelectorAll("
+               "'#frames tbody tr')].every((r) => r.dataset.verdict === 'normal')", "only normal frames")
 
 
 def test_recovers_when_redis_restarts_and_when_the_connection_drops(live: LiveStack) -> None:

@@ -239,5 +239,14 @@ def test_eval_runs_the_tta_modes_with_the_tiny_model(
     assert [r.path for r in adapted.records] == [r.path for r in off.records]
     px = adapted.classes[0].pixel
     assert px is not None and 0.0 <= px.auroc <= 1.0 and np.isfinite(px.score_max)
+    assert off.classes[0].adaptation is None
+    if mode == "buffered":  # 7 frames: refreshed on a schedule scaled to the class, not tta.refresh_every (500)
+        a = adapted.classes[0].adaptation
+        assert a is not None and a["refreshes"] >= 1 and a["schedule"]["refresh_every"] < 7, a
+        assert len(a["outcomes"]) == a["refreshes"] == a["promoted"] + a["refused"]
+        same_maps = (px.score_min, px.score_max, px.auroc) == (off.classes[0].pixel.score_min,
+                                                                off.classes[0].pixel.score_max,
+                                                                off.classes[0].pixel.auroc)
+        assert same_maps == (a["promoted"] == 0), "maps change exactly when a refresh was promoted"
     if mode == "per_frame":  # every map comes from its own adapted tokens
         assert (px.score_min, px.score_max) != (off.classes[0].pixel.score_min, off.classes[0].pixel.score_max)

@@ -44,8 +44,8 @@ class BackgroundProducer:
         self.thread.start()
         return self
 
-    def join(self) -> None:
-        self.thread.join(timeout=120)
+    def join(self, timeout: float = 120) -> None:
+        self.thread.join(timeout=timeout)
         assert not self.thread.is_alive(), "producer thread hung"
         assert self.producer.stats.acked == self.n, f"broker acknowledged {self.producer.stats.acked}/{self.n}"
 
@@ -75,14 +75,16 @@ def _assert_exactly_once(p: Pipeline, ids: list[str]) -> None:
 def test_kill9_then_new_worker_every_frame_exactly_once(pipeline: Pipeline) -> None:
     # Commits are spaced out, so at any moment some published frames are not yet committed: the crash
     # below leaves a replay window, and the second worker must skip exactly those frames.
+    # Every wait is bounded so that their sum (45+45+10+45+30+45+15+30 = 265 s) stays under the suite's
+    # 300 s per-test timeout: a slow host fails with the step that was slow, not with a timeout kill.
     a = pipeline.start_worker("a", commit_interval_ms=3000)
-    a.wait_ready()
+    a.wait_ready(45)
     prod = BackgroundProducer(pipeline, n=60, fps=20).start()
 
     def window_open() -> bool:
         return len(pipeline.results()) >= 12 and len(pipeline.results()) > sum(pipeline.committed().values())
 
-    wait_for(window_open, 60, "some published but not yet committed frames")
+    wait_for(window_open, 45, "some published but not yet committed frames")
     a.kill9()
     committed_at_kill = pipeline.committed()
     published_at_kill = len(pipeline.results())
@@ -91,9 +93,9 @@ def test_kill9_then_new_worker_every_frame_exactly_once(pipeline: Pipeline) -> N
     assert replay_window > 0
 
     b = pipeline.start_worker("b")
-    b.wait_ready()
-    prod.join()
-    wait_for(lambda: len(pipeline.results()) >= 60, 60, "60 results after the crash")
+    b.wait_ready(45)
+    prod.join(30)  # 60 frames at 20 fps: sent within 3 s of the start, long before B is ready
+    wait_for(lambda: len(pipeline.results()) >= 60, 45, "60 results after the crash")
     _assert_exactly_once(pipeline, prod.ids)
     assert b.metric("anoclip_duplicates_skipped_total") == replay_window, "B skipped exactly A's uncommitted work"
     wait_for(lambda: sum(pipeline.committed().values()) == 60, 15, "all 60 offsets committed")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import yaml
 from kafka import KafkaConsumer, TopicPartition
 
@@ -55,6 +56,8 @@ def test_stack_up_is_idempotent_and_down_stops_only_its_own(tmp_path: Path, redi
         assert [ln.split("pid ")[1].split(",")[0] for ln in again.stdout.splitlines() if "pid " in ln] == pids
         status = anoclip("stack", "status", "--config", str(cfg))
         assert status.returncode == 0 and "frames.dlq             3 partitions" in status.stdout
+        conf = redis.Redis(port=own_redis_port).config_get("maxmemory*")  # a memory budget, evicting only TTL keys
+        assert conf["maxmemory"] == str(1 << 30) and conf["maxmemory-policy"] == "volatile-lru"
     finally:
         down = anoclip("stack", "down", "--config", str(cfg))
     assert down.returncode == 0 and "stopped: kafka, redis" in down.stdout
@@ -126,7 +129,7 @@ def test_produce_folder_and_synthetic(tmp_path: Path, broker: Broker, redis_serv
     assert len(records) == 7
     for rec in records:
         meta = env.parse_meta(rec.headers)
-        assert rec.key == meta.line.encode()
+        assert rec.key == meta.frame_id.encode()  # keyed by frame id: a line spreads over every partition
         if meta.line == "bottle":
             assert files[rec.value] == meta.content_type  # the file's own bytes, typed by extension
         else:

@@ -143,3 +143,13 @@ def test_non_adapter_files_are_refused_and_never_unpickled(inspector: Inspector,
 def test_targets_compare_all_fields() -> None:
     t = AdapterTarget("a", "w", 8, "h", "line", "text")
     assert dataclasses.replace(t, kind=None).kind is None and t != dataclasses.replace(t, line="other")
+
+
+def test_an_adapter_carries_its_own_thresholds(inspector: Inspector) -> None:
+    adapter = _trained(inspector, "bottle")
+    target = target_for(inspector, "bottle")
+    th = {"pixel": 0.457, "pixel_median": 0.452, "image": None, "image_heldout": float("nan"), "frames": 8}
+    _, meta = from_bytes(to_bytes(adapter, build_meta(adapter, target, thresholds=th)), target,
+                         inspector.prepare_line("bottle"))
+    assert meta["thresholds"] == {**th, "image_heldout": None}  # JSON has no NaN
+    assert build_meta(adapter, target)["thresholds"] == {}  # none given: the line's thresholds apply

@@ -460,6 +460,41 @@ def test_configmap_and_cronjobs_are_rendered_from_config_yaml() -> None:
     assert cm["data"]["config.yaml"] == text
 
 
+def test_keda_scales_workers_on_lag_within_the_partitions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The ScaledObject targets the worker Deployment, reads the workers' group and topic on their broker with
+    their credentials, and never scales past the partition count (idle workers holding GPUs)."""
+    docs = {(doc["kind"], doc["metadata"]["name"]): doc for _, doc in k8s_docs()}
+    scaled = [d for (kind, _), d in docs.items() if kind == "ScaledObject"]
+    assert len(scaled) == 1, "one ScaledObject for the workers"
+    so = scaled[0]
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    target = docs[("Deployment", so["spec"]["scaleTargetRef"]["name"])]
+    (worker,) = [c for c in k8s_containers()
+                 if (c.doc["kind"], c.doc["metadata"]["name"]) == (target["kind"], target["metadata"]["name"])]
+    assert _parse_cli(worker.argv)[0] == "worker"
+    s = _settings_for(worker, monkeypatch, tmp_path)
+    lo, hi = so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]
+    assert 1 <= lo <= hi <= s.kafka.partitions, f"replicas {lo}..{hi} beyond {s.kafka.partitions} partitions"
+    assert hi == s.kafka.partitions, "scale to the partition count, no further"
+    (trigger,) = so["spec"]["triggers"]
+    m = trigger["metadata"]
+    assert trigger["type"] == "kafka"
+    assert (m["bootstrapServers"], m["consumerGroup"], m["topic"]) == (
+        s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.frames_topic)
+    assert m["allowIdleConsumers"] == "false" and int(m["lagThreshold"]) > 0
+    keda_sasl = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
+    assert m["sasl"] == keda_sasl[s.kafka.sasl_mechanism], "the workers' SASL mechanism, as KEDA spells it"
+    assert m["tls"] == ("enable" if s.kafka.security_protocol.endswith("SSL") else "disable")
+    auth = docs[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    sec = secrets()
+    for parameter, (secret, key) in refs.items():
+        assert key in sec.get(secret, {}), f"TriggerAuthentication {parameter} reads missing {secret}/{key}"
+    assert refs["username"] == worker.secret_env["ANOCLIP_KAFKA__SASL_USERNAME"]
+    assert refs["password"] == worker.secret_env["ANOCLIP_KAFKA__SASL_PASSWORD"]
+    assert refs["ca"] == ("anoclip-kafka", "ca.crt")
+
+
 def test_compose_redis_acl_and_topics_match_the_settings() -> None:
     services = compose()["services"]
     s = Settings()
@@ -473,6 +508,9 @@ def test_compose_redis_acl_and_topics_match_the_settings() -> None:
         "Redis replays the AOF as the default user: without full rights it drops transactions on restart"
     anoclip = users["anoclip"]
     assert f"~{s.redis.prefix}:*" in anoclip and f"&{s.redis.prefix}:*" in anoclip
+    opts = dict(zip(cmd[1:user_at[0]:2], cmd[2:user_at[0]:2], strict=True))
+    assert opts["--maxmemory-policy"] == "volatile-lru" and re.fullmatch(r"\d+[kmg]b", opts["--maxmemory"]), \
+        "a memory budget that only evicts keys with a TTL"
     assert f">{COMPOSE_ENV['REDIS_PASSWORD']}" in anoclip
     init = " ".join(services["kafka-init"]["command"])
     for topic in (s.kafka.frames_topic, s.kafka.dlq_topic):
@@ -530,10 +568,12 @@ def test_worker_probes_hit_the_real_endpoints(worker_telemetry: tuple[TelemetryS
         ready_path = probes["readinessProbe"][0]
         health.model_loaded = health.partitions_assigned = health.redis_ok = False
         assert _status(base + ready_path) == 503, "readiness must fail before the model and partitions"
-        health.model_loaded = health.partitions_assigned = health.redis_ok = True
+        health.model_loaded = health.partitions_assigned = health.redis_ok = health.broker_ok = True
         for name, (path, _) in probes.items():
             assert _status(base + path) == 200, f"{c.where}: {name} {path} on a healthy worker"
-        health.redis_ok = False
+        health.broker_ok = False
+        assert _status(base + ready_path) == 503, "a worker without its broker is not ready"
+        health.broker_ok, health.redis_ok = True, False
         assert _status(base + ready_path) == 503, "a worker without Redis is not ready"
         assert _status(base + probes["livenessProbe"][0]) == 200, "...but stays live (no restart loop)"
         tmpl = c.doc["spec"]["template"]["metadata"]["annotations"]
@@ -565,7 +605,7 @@ def test_metrics_service_and_prometheus_targets_reach_every_worker(
 
 def test_compose_healthchecks_hit_the_real_endpoints(worker_telemetry: tuple[TelemetryServer, Health]) -> None:
     server, health = worker_telemetry
-    health.model_loaded = health.partitions_assigned = health.redis_ok = True
+    health.model_loaded = health.partitions_assigned = health.redis_ok = health.broker_ok = True
     for c in compose_containers():
         test = " ".join(c.raw["healthcheck"]["test"])
         m = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", test)

@@ -37,6 +37,12 @@ def test_round_trip() -> None:
         ({"frame_id": ""}, "empty header 'frame-id'"),
         ({"frame_id": "a b"}, "malformed header 'frame-id'"),
         ({"frame_id": "x" * 300}, "malformed header 'frame-id'"),
+        ({"frame_id": "x" * 201}, "it has 201 characters (at most 200)"),
+        ({"frame_id": "cam/1/f"}, "it contains '/'"),
+        ({"frame_id": ".."}, "it contains '..'"),
+        ({"frame_id": "a..b"}, "it contains '..'"),
+        ({"frame_id": "fr\u00e4me-1"}, "it is not ASCII"),
+        ({"frame_id": "f*1"}, "it contains '*'"),
         ({"capture_ts": "soon"}, "malformed header 'capture-ts'"),
         ({"capture_ts": "1790000000"}, "not nanoseconds"),
         ({"capture_ts": "-5"}, "malformed header 'capture-ts'"),
@@ -85,3 +91,18 @@ def test_dlq_headers_keep_originals_and_add_the_reason() -> None:
     assert (d["source-topic"], d["source-partition"], d["source-offset"]) == (b"frames", b"3", b"42")
     assert int(d["failed-at"]) > 0
     assert all(isinstance(v, bytes) for _, v in env.dlq_headers([("k", None)], "r", "s", "t", 0, 0))
+
+
+def test_one_frame_id_rule_for_envelope_and_dashboard() -> None:
+    """Whatever the envelope accepts, the dashboard can show, and the other way round."""
+    from pipeline.dashboard import store  # the dashboard's id rules (its server checks URLs with them)
+    from pipeline.redis_keys import FRAME_ID_RE
+
+    assert store.FRAME_ID_RE is FRAME_ID_RE
+    for fid in ("bottle.0f3a", "x" * 200, "a:b-c_d.e", "a/b", "..", "a..b", "x" * 201, "caf\u00e9", "%2e%2e"):
+        accepted = True
+        try:
+            env.parse_meta(_headers(frame_id=fid))
+        except EnvelopeError:
+            accepted = False
+        assert accepted == bool(FRAME_ID_RE.match(fid)), fid

@@ -1,15 +1,29 @@
-"""Frame sources for the producer: folders as raw bytes, synthetic parts with defects, video via OpenCV."""
+"""Frame sources for the producer: folders, synthetic parts, video files, and live cameras (reconnect, drop oldest)."""
 
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
+from pipeline.inspection.imaging import decode_image
 from pipeline.streaming.envelope import H_SYNTHETIC_DEFECT
-from pipeline.streaming.frame_sources import SourceError, encode, folder_frames, open_source, synthetic_kind
+from pipeline.streaming.frame_sources import (
+    LiveSource,
+    LiveSpec,
+    SourceError,
+    camera_id,
+    encode,
+    folder_frames,
+    is_live,
+    open_source,
+    synthetic_kind,
+)
 
 
 def test_folder_sends_file_bytes_unchanged(tmp_path: Path) -> None:
@@ -28,12 +42,12 @@ def test_folder_sends_file_bytes_unchanged(tmp_path: Path) -> None:
 
 
 def test_empty_or_missing_sources_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="no .jpg"):
+    with pytest.raises(SourceError, match="no image files"):
         list(folder_frames(tmp_path))
-    with pytest.raises(SourceError, match="not 'synthetic', a folder or a video"):
+    with pytest.raises(SourceError, match="not 'synthetic', a camera or stream URL"):
         open_source(str(tmp_path / "missing"))
     (tmp_path / "x.bin").write_bytes(b"1")
-    with pytest.raises(SourceError, match="not a folder or a video"):
+    with pytest.raises(SourceError, match="not an image, a folder or a video"):
         open_source(str(tmp_path / "x.bin"))
 
 
@@ -47,18 +61,95 @@ def test_synthetic_frames_carry_some_defects() -> None:
         synthetic_kind("toaster", "toaster")
 
 
-def test_video_needs_opencv_or_reads_frames(tmp_path: Path) -> None:
+def test_video_file_frames(tmp_path: Path) -> None:
     video = tmp_path / "clip.avi"
-    try:
-        import cv2  # type: ignore[import-not-found]
-    except ImportError:
-        video.write_bytes(b"not really a video")
-        with pytest.raises(SourceError, match="pip install opencv-python-headless"):
-            list(open_source(str(video)))
-        return
     out = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (32, 24))
     for i in range(3):
         out.write(np.full((24, 32, 3), 40 * i, np.uint8))
     out.release()
     frames = list(open_source(str(video)))
     assert len(frames) == 3 and frames[0].content_type == "image/jpeg"
+    assert [f.name for f in frames] == ["clip.avi#0", "clip.avi#1", "clip.avi#2"]
+    assert decode_image(frames[2].data).mean() == pytest.approx(80, abs=3)
+    assert len(list(itertools.islice(open_source(str(video), loop=True), 7))) == 7
+
+
+def test_other_image_formats_are_sent_as_png(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.bmp")
+    Image.fromarray(rgb).save(tmp_path / "b.tiff")
+    frames = list(open_source(str(tmp_path)))
+    assert [(f.name, f.content_type) for f in frames] == [("a.bmp", "image/png"), ("b.tiff", "image/png")]
+    assert all(np.array_equal(decode_image(f.data, content_type="image/png"), rgb) for f in frames)  # lossless
+    single = list(open_source(str(tmp_path / "a.bmp")))
+    assert len(single) == 1 and single[0].name == "a.bmp"
+
+
+def test_live_specs_and_camera_ids(tmp_path: Path) -> None:
+    assert LiveSpec.parse("rtsp://cam.local:8554/line1").backend == cv2.CAP_FFMPEG
+    assert LiveSpec.parse("HTTP://10.0.0.5/video.mjpg").kind == "http"
+    assert LiveSpec.parse("2") == LiveSpec(2, cv2.CAP_V4L2, "device")
+    assert LiveSpec.parse(str(tmp_path)) is None
+    with pytest.raises(SourceError, match="no such video device"):
+        LiveSpec.parse("/dev/video97")
+    if "GStreamer:                   YES" not in cv2.getBuildInformation():
+        with pytest.raises(SourceError, match="OpenCV built with GStreamer"):
+            open_source("videotestsrc ! videoconvert ! appsink")
+    assert is_live("rtsp://x/y") and is_live("/dev/video97") and not is_live("synthetic")
+    assert camera_id("rtsp://admin:secret@10.1.2.3:554/Streaming/Channels/101?tcp") == \
+        "10.1.2.3:554/Streaming/Channels/101"
+    assert camera_id("/dev/video3") == "video3" and camera_id("0") == "video0"
+    assert camera_id("videotestsrc ! appsink") == "gstreamer"
+    (tmp_path / "line 1.mp4").write_bytes(b"x")
+    assert camera_id(str(tmp_path / "line 1.mp4")) == "line-1"
+
+
+class FakeCapture:
+    """Plays `n` frames, then fails like a dropped stream."""
+
+    def __init__(self, n: int, start: int, delay_s: float = 0.0) -> None:
+        self.left, self.value, self.delay_s = n, start, delay_s
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        time.sleep(self.delay_s)
+        if self.left == 0:
+            return False, None
+        self.left -= 1
+        self.value += 1
+        return True, np.full((8, 8, 3), self.value % 256, np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+def test_live_source_reconnects_and_drops_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
+    opens: list[int] = []
+
+    def fake_open(self: LiveSource) -> FakeCapture | None:
+        opens.append(1)
+        if len(opens) == 2:
+            return None  # the camera is rebooting: one failed open, then back
+        return FakeCapture(20, 20 * len(opens))
+
+    monkeypatch.setattr(LiveSource, "_open", fake_open)
+    src = LiveSource("rtsp://127.0.0.1:1/cam", buffer=3, backoff_s=0.01, backoff_max_s=0.02, fmt="png")
+    it = iter(src)
+    first = next(it)
+    time.sleep(0.5)  # the consumer stalls (a slow broker) while the camera goes on
+    rest = [next(it) for _ in range(3)]
+    src.close()
+    s = src.stats
+    assert s.reconnects >= 1 and s.failures >= 2  # a lost stream and a failed open
+    assert s.dropped >= 30 and s.captured >= 40
+    assert s.captured >= s.sent + s.dropped  # every frame is sent, dropped, or still queued
+    values = [int(decode_image(f.data)[0, 0, 0]) for f in [first, *rest]]
+    assert values[1:] == sorted(values[1:]) and values[-1] >= 60  # the newest frames survived, in order
+    assert all(f.capture_ts_ns and f.content_type == "image/png" for f in rest)
+
+
+def test_live_source_gives_up_after_max_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(LiveSource, "_open", lambda self: None)
+    src = LiveSource("http://127.0.0.1:1/cam.mjpg", backoff_s=0.01, backoff_max_s=0.02, max_outage_s=0.2)
+    with pytest.raises(SourceError, match="no frames for"):
+        next(iter(src))
+    assert src.stats.failures >= 2 and "cannot open http://127.0.0.1:1/cam.mjpg" in src.stats.last_error

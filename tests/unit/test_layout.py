@@ -21,6 +21,7 @@ RANKS = {
     "evaluation": 4,
     "streaming": 5,
     "dashboard": 6,
+    "serving": 6,  # the HTTP inspection API (anoclip serve)
     "stack": 6,
 }
 MODEL_MAY_IMPORT = {"torch", "open_clip", "numpy", "pipeline.errors", "pipeline.settings"}

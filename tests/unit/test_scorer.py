@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from pipeline.settings import ModelSettings
 
 @pytest.fixture(scope="module")
 def model():
-    return create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu"))
+    return create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu", precision="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +22,39 @@ def text(model):
     return model.encode_prompts(build_prompt_set("bottle"))
 
 
+def _box_then_bilinear(p: np.ndarray, size: int) -> np.ndarray:
+    """docs/algorithm.md §4.2 read literally, pixel by pixel (no torch): a 3x3 mean whose out-of-grid
+    neighbours repeat the edge ("replicate-pad by 1"), then bilinear upsampling in which the first and
+    last output pixels sit exactly on the first and last grid cells ("align_corners=True")."""
+    g = p.shape[0]
+    clip = lambda i: min(max(i, 0), g - 1)  # noqa: E731
+    box = np.array([[np.mean([p[clip(i + di), clip(j + dj)] for di in (-1, 0, 1) for dj in (-1, 0, 1)])
+                     for j in range(g)] for i in range(g)])
+    out = np.empty((size, size))
+    for y in range(size):
+        sy = y * (g - 1) / (size - 1)
+        y0 = int(np.floor(sy))
+        y1, wy = min(y0 + 1, g - 1), sy - y0
+        for x in range(size):
+            sx = x * (g - 1) / (size - 1)
+            x0 = int(np.floor(sx))
+            x1, wx = min(x0 + 1, g - 1), sx - x0
+            out[y, x] = ((1 - wy) * ((1 - wx) * box[y0, x0] + wx * box[y0, x1])
+                         + wy * ((1 - wx) * box[y1, x0] + wx * box[y1, x1]))
+    return out
+
+
 def test_map_is_probability_of_abnormal_box_filtered_and_upsampled(model, text) -> None:
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     out = model(x, text)
-    tok = F.normalize(out.tokens[0, 0, 0], dim=-1)  # (P, C)
-    logits = tok @ text.class_embeddings.T
-    p = torch.sigmoid(logits[:, 1] - logits[:, 0]).view(1, 1, 8, 8)
-    p = F.avg_pool2d(F.pad(p, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    expected = F.interpolate(p, size=(64, 64), mode="bilinear", align_corners=True)[0, 0]
-    torch.testing.assert_close(out.anomaly_maps[0], expected, rtol=1e-5, atol=1e-6)
+    tok = F.normalize(out.tokens[0, 0].double(), dim=-1)  # (n_layers, P, C)
+    logits = tok @ text.class_embeddings.double().T
+    p = torch.sigmoid(logits[..., 1] - logits[..., 0]).mean(0).view(8, 8).numpy()  # §4.1, mean over layers
+    expected = _box_then_bilinear(p, 64)
+    np.testing.assert_allclose(out.anomaly_maps[0].numpy(), expected, rtol=1e-5, atol=1e-6)
+    # by hand: the top-left pixel is the top-left cell's 3x3 mean, its 5 outside neighbours repeating edges
+    corner = (4 * p[0, 0] + 2 * p[0, 1] + 2 * p[1, 0] + p[1, 1]) / 9
+    assert float(out.anomaly_maps[0, 0, 0]) == pytest.approx(corner, rel=1e-5)
     g = F.normalize(model.encoder(x).cls_embedding, dim=-1) @ text.class_embeddings.T
     torch.testing.assert_close(out.image_scores, torch.sigmoid(g[:, 1] - g[:, 0]), rtol=1e-5, atol=1e-6)
 
@@ -74,8 +99,9 @@ def test_maps_from_tokens_rebuilds_forward_maps(model, text) -> None:
 
 
 def test_temperature_sharpens_but_keeps_ranking(text) -> None:
-    t1 = create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu"))
-    t100 = create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu", temperature=100))
+    t1 = create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu", precision="fp32"))
+    t100 = create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu", precision="fp32",
+                                        temperature=100))
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     tokens = t1(x, text).tokens
     a = t1.patch_probabilities(tokens, text)[..., 1].flatten()
@@ -85,7 +111,8 @@ def test_temperature_sharpens_but_keeps_ranking(text) -> None:
 
 
 def test_multiview_averages_22_views(text) -> None:
-    m = create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu", image_score="multiview"))
+    m = create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu", precision="fp32",
+                                     image_score="multiview"))
     from pipeline.model.augment import multiview
 
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))

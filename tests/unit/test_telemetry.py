@@ -40,8 +40,13 @@ def test_metrics_names_and_health_states() -> None:
         h.stall_after_s = 60.0
         h.model_loaded = h.partitions_assigned = h.redis_ok = True
         code, body = _get(srv.port, "/readyz")
-        assert code == 200 and json.loads(body) == {"ready": True, "model_loaded": True,
-                                                    "partitions_assigned": True, "redis": True, "stopping": False}
+        assert code == 503 and json.loads(body)["broker"] is False, "the broker is part of readiness"
+        h.broker_problem = "Kafka broker at 127.0.0.1:1 unreachable (KafkaTimeoutError)"
+        assert json.loads(_get(srv.port, "/readyz")[1])["problems"] == [h.broker_problem]
+        h.broker_ok, h.broker_problem = True, None
+        code, body = _get(srv.port, "/readyz")
+        assert code == 200 and json.loads(body) == {"ready": True, "model_loaded": True, "partitions_assigned": True,
+                                                    "redis": True, "broker": True, "stopping": False}
         h.redis_ok = False  # Redis away: not ready, but still live (no restart into a crash loop)
         assert _get(srv.port, "/readyz")[0] == 503
         assert _get(srv.port, "/healthz")[0] == 200

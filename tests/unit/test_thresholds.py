@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pytest
 
 from pipeline.inspection.thresholds import LineThresholds
 from pipeline.settings import ThresholdSettings
@@ -40,3 +44,88 @@ def test_restore_resumes_calibration() -> None:
     b = LineThresholds(ThresholdSettings(warmup_frames=3))
     b.restore(a.to_dict())
     assert not b.calibrating and b.image == a.image and b.pixel == a.pixel
+
+
+# --- thresholds per version (issue 11, item 3) --------------------------------------------------------
+def _calibrated() -> LineThresholds:
+    th = LineThresholds(ThresholdSettings(warmup_frames=2))
+    for s in (0.4, 0.6):
+        th.observe(s, np.full((4, 4), s))
+    return th
+
+
+def test_a_served_version_brings_its_own_pixel_threshold_and_heatmap_range() -> None:
+    th = _calibrated()
+    base_pixel, base_image = th.pixel, th.image
+    th.set_version("v3", {"pixel": 0.31, "pixel_median": 0.29, "image": None, "frames": 40})
+    assert th.serving == "v3" and th.has_version("v3")
+    assert (th.pixel, th.image) == (0.31, base_image)  # an adapter keeps the line's image threshold
+    assert th.source == "version" and th.image_source == "calibrated"
+    assert th.heatmap_range() == pytest.approx((0.29, 0.33))
+    # frames still in flight from the base model are judged with the base thresholds
+    assert th.view(None).pixel == base_pixel and th.view(None).source == "calibrated"
+    d = th.to_dict()
+    assert d["version"] == "v3" and d["version_pixel"] == 0.31 and d["version_image"] == "" and d["pixel"] == 0.31
+    th.set_version("v4", {"pixel": 0.2, "image": 0.7})
+    assert th.view("v3").pixel == 0.31 and (th.pixel, th.image) == (0.2, 0.7)  # v3's frames keep v3's
+    th.set_version(None)
+    assert (th.pixel, th.image, th.source) == (base_pixel, base_image, "calibrated")
+
+
+def test_manual_and_config_thresholds_win_over_a_versions() -> None:
+    th = _calibrated()
+    th.set_version("v1", {"pixel": 0.31, "image": 0.41})
+    th.set_override(pixel=0.9)
+    assert (th.pixel, th.image, th.source) == (0.9, 0.41, "manual")
+    assert th.view("v1").pixel == 0.9
+    fixed = LineThresholds(ThresholdSettings(pixel=0.8))
+    fixed.set_version("v1", {"pixel": 0.31})
+    assert (fixed.pixel, fixed.source) == (0.8, "config")
+
+
+def test_a_version_without_usable_thresholds_leaves_the_lines() -> None:
+    th = _calibrated()
+    for junk in (None, {}, {"pixel": "nan"}, {"pixel": None, "image": "x"}, {"pixel": float("inf")}):
+        th.set_version("v9", junk)
+        assert not th.has_version("v9") and th.source == "calibrated" and th.serving == "v9"
+
+
+class _Publisher:
+    """The slice of ResultPublisher that housekeeping uses, over a dict of threshold hashes."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[str, dict[str, str]] = {}
+
+    def ping(self) -> bool:
+        return True
+
+    def read_threshold(self, line: str) -> dict[str, str]:
+        return dict(self.hashes.get(line, {}))
+
+    def write_threshold(self, line: str, state: dict[str, Any]) -> None:
+        self.hashes.setdefault(line, {}).update({k: str(v) for k, v in state.items()})
+
+    def heartbeat(self, fields: dict[str, Any]) -> None:
+        return None
+
+
+def test_housekeeping_publishes_the_served_versions_thresholds(text_cache_dir: Path) -> None:
+    from pipeline.inspection.inspector import Inspector
+    from pipeline.streaming.worker.housekeeping import Housekeeping
+    from pipeline.streaming.worker.publishing import RedisStatus
+    from pipeline.telemetry import Health, WorkerTelemetry
+    from tests.conftest import make_tiny_settings
+
+    s = make_tiny_settings(text_cache_dir, lines=[{"id": "pcb1", "class_name": "pcb1"}])
+    insp = Inspector.from_settings(s)
+    telemetry, pub = WorkerTelemetry(), _Publisher()
+    hk = Housekeeping(s, insp, pub, telemetry, RedisStatus(Health(), telemetry), lambda: {})  # type: ignore[arg-type]
+    insp.thresholds("pcb1").set_version("v2", {"pixel": 0.42, "pixel_median": 0.4})
+    hk.once()
+    h = pub.hashes["pcb1"]
+    assert (h["version"], h["version_pixel"], h["pixel"], h["source"]) == ("v2", "0.42", "0.42", "version")
+    assert h["image_source"] == "default"
+    assert telemetry.threshold.labels("pcb1", "default")._value.get() == 0.5  # the image threshold's source
+    pub.hashes["pcb1"]["manual_pixel"] = "0.77"
+    hk.once()
+    assert pub.hashes["pcb1"]["pixel"] == "0.77" and pub.hashes["pcb1"]["source"] == "manual"

@@ -96,3 +96,47 @@ async function getJSON(url) {
   }
   return body;
 }
+
+async function postJSON(url, body) {
+  const res = await fetch(url, { method: "POST", credentials: "same-origin", cache: "no-store",
+    headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  let out = null;
+  try { out = await res.json(); } catch (e) { out = null; }
+  if (!res.ok) {
+    const err = new Error((out && out.error) || `HTTP ${res.status}`);
+    err.status = res.status;
+    throw err;
+  }
+  return out;
+}
+
+// Wall-clock time of a millisecond timestamp: time only for today, date and time otherwise.
+function clockTime(ms, withSeconds) {
+  const d = new Date(ms);
+  const opts = { hour: "2-digit", minute: "2-digit" };
+  if (withSeconds !== false) opts.second = "2-digit";
+  if (d.toDateString() !== new Date().toDateString()) { opts.month = "short"; opts.day = "numeric"; }
+  return d.toLocaleString([], opts);
+}
+
+const LABEL_WORDS = { confirmed: "confirmed defect", false_alarm: "false alarm", unsure: "unsure" };
+
+// What operators said about an alert, in a few words ("new" when nobody has looked at it yet).
+function labelText(lab) {
+  if (!lab) return "new";
+  if (lab.label === "confirmed") return `confirmed: ${lab.defect_type}`;
+  if (lab.label) return LABEL_WORDS[lab.label] || lab.label;
+  return lab.acknowledged ? "acknowledged" : "new";
+}
+
+function labelKind(lab) {
+  if (!lab) return "new";
+  return lab.label || (lab.acknowledged ? "acknowledged" : "new");
+}
+
+// A datetime-local input's value as ms since the epoch (local time), or null.
+function inputMs(value) {
+  if (!value) return null;
+  const t = new Date(value).getTime();
+  return Number.isFinite(t) ? t : null;
+}

@@ -1,5 +1,6 @@
 """The housekeeping thread: Redis readiness, each line's threshold state (calibration resumed from Redis,
-operator overrides applied, the worker's view published) and the worker's heartbeat."""
+operator overrides applied, the worker's view published, including the served version's own thresholds)
+and the worker's heartbeat."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pipeline.telemetry import WorkerTelemetry
 
 log = logging.getLogger("anoclip.worker")
 
-THRESHOLD_SOURCES = ("manual", "config", "calibrated", "default")
+THRESHOLD_SOURCES = ("manual", "config", "version", "calibrated", "default")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class Housekeeping:
     """The heartbeat hash's fields, from the runtime."""
     _synced: set[str] = field(default_factory=set)
     """Lines whose threshold state was read once (a calibration is resumed only on the first read)."""
+
+    def __post_init__(self) -> None:
+        self.telemetry.init_lines(self.lines)  # labelled counters of known lines start at 0
 
     @property
     def lines(self) -> list[str]:
@@ -82,9 +86,7 @@ class Housekeeping:
         if th.calibration is not None:
             d.update(ident)
         self.publisher.write_threshold(line, d)
-        for src in THRESHOLD_SOURCES:
-            value = float(d["image"]) if src == d["source"] else float("nan")  # type: ignore[arg-type]
-            self.telemetry.threshold.labels(line, src).set(value)
+        self.telemetry.set_threshold(line, str(d["image_source"]), float(d["image"]))  # type: ignore[arg-type]
 
     def calibration_identity(self, line: str) -> dict[str, str]:
         """What a calibration depends on: one made with another model, prompt set or quantile is not resumed."""

@@ -10,6 +10,8 @@ Threads, so the poll loop never blocks on work:
 - publisher (`publishing`): writes results to Redis (idempotent per frame id), retrying with backoff
   while Redis is down; a frame counts as finished only once it is in Redis.
 - housekeeping (`housekeeping`): heartbeat hash, threshold state and run-time overrides, Redis readiness.
+- lag (`lag`): consumer lag from the broker's end and committed offsets, on a client of its own (the
+  poll thread's fetcher sees nothing while partitions are paused), and the broker's readiness.
 
 Delivery: at-least-once. An offset is committed only when every frame before it is in Redis or in the
 DLQ; replays after a crash find the frame's done marker and write nothing.
@@ -48,6 +50,7 @@ from pipeline.streaming.worker.batching import LineBatcher
 from pipeline.streaming.worker.dead_letters import DeadLetters
 from pipeline.streaming.worker.frames import Batch, DlqFailed, Done, Frame
 from pipeline.streaming.worker.housekeeping import Housekeeping
+from pipeline.streaming.worker.lag import LagMonitor
 from pipeline.streaming.worker.publishing import RedisStatus, ResultPublishing
 from pipeline.streaming.worker.rebalance import Rebalancer
 from pipeline.streaming.worker.scoring import BatchScorer
@@ -73,7 +76,7 @@ class InspectionWorker:
         self.metrics_port = ws.metrics_port if metrics_port is None else metrics_port
         self.telemetry_port = 0
         self.publisher = ResultPublisher.from_settings(settings.redis, self.worker_id)
-        self.redis = RedisStatus(self.health, self.telemetry)
+        self.redis = RedisStatus(self.health, self.telemetry, lambda: self.publisher.last_error)
 
         self._stop = threading.Event()
         self._abandon = threading.Event()
@@ -85,7 +88,8 @@ class InspectionWorker:
         self.dead_letters = DeadLetters(self.kafka, self.telemetry, self.completions, ws.retry_backoff_s)
         self.rebalancer = Rebalancer(self.offsets, self.batcher, self.telemetry, self.health)
         self.publishing = ResultPublishing(self.publisher, ws, self.telemetry, self.redis, self.completions,
-                                           self._abandon)
+                                           self._abandon, self.dead_letters.send)
+        self.lag = LagMonitor(self.kafka, self.telemetry, self.health, lambda: list(self.rebalancer.assigned))
         self._inspector = inspector
         self.inspector: Inspector | None = None
         self.adapters: AdapterService | None = None
@@ -93,9 +97,7 @@ class InspectionWorker:
         self._consumer: Any = None
         self._threads: list[threading.Thread] = []
         self._last_commit = 0.0
-        self._last_lag = 0.0
         self._in_flight_count = 0
-        self._lag_total = 0
         self._started = time.time()
 
     @property
@@ -145,6 +147,7 @@ class InspectionWorker:
         log.info("worker %s: metrics and health on http://%s:%d (/metrics /healthz /readyz)",
                  self.worker_id, ws.metrics_host, server.port)
         try:
+            self.publisher.check_access()  # a wrong password or ACL fails here, naming the keys, not forever later
             self.inspector = self._load_model()
             self.health.model_loaded = True
             self.telemetry.redis_up.set(0)
@@ -200,6 +203,7 @@ class InspectionWorker:
             ("scorer", lambda: scorer.run(self._score_q)),
             ("publisher", lambda: self.publishing.run(self._publish_q)),
             ("housekeeping", lambda: self.housekeeping.run(self._stop)),  # type: ignore[union-attr]
+            ("lag", lambda: self.lag.run(self._stop)),
         )
         for name, target in targets:
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -223,7 +227,6 @@ class InspectionWorker:
                 for rec in recs:
                     self._accept(tp, rec)
             self._dispatch(self.batcher.due())
-            self._update_lag()
 
     def in_flight(self) -> int:
         n = self.offsets.in_flight()
@@ -301,25 +304,11 @@ class InspectionWorker:
             if todo:
                 c.pause(*todo)
                 if not self.redis.ok:
-                    log.warning("Redis unreachable: paused %d partitions, not committing", len(todo))
+                    log.warning("%s: paused %d partitions, not committing", self.redis.describe(), len(todo))
         elif self.in_flight() <= self.worker_settings.max_in_flight // 2 and paused:
             c.resume(*paused)
             log.info("resumed %d partitions", len(paused))
         self.telemetry.paused.set(1 if c.paused() else 0)
-
-    def _update_lag(self) -> None:
-        now = time.monotonic()
-        if now - self._last_lag < 2.0:
-            return
-        self._last_lag = now
-        total = 0
-        for tp, po in self.offsets.partitions.items():
-            hw = self.consumer.highwater(tp)  # from Fetch: correct on Tansu, unlike ListOffsets(latest)
-            if hw is not None and po.next_offset is not None:
-                lag = max(0, hw - po.next_offset)
-                total += lag
-                self.telemetry.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
-        self._lag_total = total
 
     def _heartbeat_fields(self) -> dict[str, Any]:
         up = time.time() - self._started
@@ -329,7 +318,7 @@ class InspectionWorker:
             "lines": ",".join(sorted(self.lines)), "group": self.kafka.group_id, "topic": self.kafka.frames_topic,
             "partitions": ",".join(str(tp.partition) for tp in list(self.rebalancer.assigned)),
             "frames": published, "frames_per_s": round(published / up, 3) if up > 0 else 0,
-            "in_flight": self._in_flight_count, "lag": self._lag_total, "redis_ok": self.redis.ok,
+            "in_flight": self._in_flight_count, "lag": self.lag.total, "redis_ok": self.redis.ok,
             "started": int(self._started), "last_seen": int(time.time()), "metrics_port": self.telemetry_port,
         }
 
@@ -366,7 +355,7 @@ class InspectionWorker:
         self._abandon.set()
         self._score_q.put(None)
         for t in self._threads:
-            if t.name != "housekeeping":
+            if t.name not in ("housekeeping", "lag"):  # both stop on their own when `_stop` is set
                 t.join(timeout=10)
         if self.consumer is not None:
             try:

@@ -3,19 +3,20 @@ mask and heatmap, and hand the results to the publisher. Frames that cannot be s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.adaptation.service import AdapterService
 from pipeline.errors import ImageError
-from pipeline.inspection.imaging import decode_image
+from pipeline.inspection.imaging import GeometryLimits, decode_image
 from pipeline.inspection.inspector import Inspection, Inspector
-from pipeline.inspection.render import heatmap_png, mask_png
+from pipeline.inspection.render import bounded_size, heatmap_png, mask_png
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
 from pipeline.streaming.records import FrameResult
@@ -40,6 +41,12 @@ class BatchScorer:
     telemetry: WorkerTelemetry
     dead_letter: DeadLetter
     publish: queue.Queue[list[tuple[Frame, FrameOutput]] | None]
+    limits: GeometryLimits = field(init=False)
+    """Frame geometry checked from the header before decoding (refused frames go to the DLQ, stage decode)."""
+
+    def __post_init__(self) -> None:
+        self.limits = GeometryLimits.from_settings(self.settings.worker, self.inspector.model.image_size,
+                                                   self.settings.model.resize)
 
     def run(self, batches: queue.Queue[Batch | None]) -> None:
         """Score batches until None arrives, then tell the publisher to finish."""
@@ -67,7 +74,11 @@ class BatchScorer:
         t0 = time.perf_counter()
         raws = self.inspector.score_raw(line, images, adapter, tta)
         per_frame_s = (time.perf_counter() - t0) / max(1, len(images))
-        out = [self.inspector.judge(line, r, "per_frame" if tta else version) for r in raws]
+        # Judged (map, mask, regions) at a bounded size, not at the frame's: the map comes from a grid of a
+        # few hundred pixels, and a 50 Mpx copy of it cost seconds and gigabytes per frame.
+        cap = self.settings.worker.render_max_side
+        out = [self.inspector.judge(line, dataclasses.replace(r, frame_hw=bounded_size(*r.frame_hw, cap)),
+                                    "per_frame" if tta else version) for r in raws]
         if self.adapters is not None:
             for f, r in zip(frames, raws, strict=True):
                 assert f.meta is not None
@@ -79,8 +90,7 @@ class BatchScorer:
         for f in batch.frames:
             assert f.meta is not None and f.value is not None
             try:
-                img = decode_image(f.value, max_pixels=self.settings.worker.max_pixels,
-                                   content_type=f.meta.content_type)
+                img = decode_image(f.value, content_type=f.meta.content_type, limits=self.limits)
             except ImageError as e:
                 self.dead_letter(f, str(e), envelope.STAGE_DECODE)
                 continue

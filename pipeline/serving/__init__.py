@@ -1,0 +1,1 @@
+"""`anoclip serve`: the HTTP inspection API (POST an image, get a verdict), batched onto the model."""
