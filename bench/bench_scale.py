@@ -188,6 +188,8 @@ def run_case(n_workers: int, settings: Settings, cfg: dict[str, Any], args: argp
 
 def main() -> int:
     args = parse_args()
+    # A `kill` must still stop the broker, Redis and workers this run started (the `finally`s below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     n = args.frames or (400 if args.tiny else 24)
     tmp = Path(tempfile.mkdtemp(prefix="anoclip-scale-"))
     kport, rport = stack.free_port(), stack.free_port()

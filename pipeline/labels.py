@@ -346,14 +346,22 @@ def _file_stem(frame_id: str) -> str:
     return _UNSAFE.sub("_", frame_id).strip("._") or "frame"
 
 
-def _image_ext(data: bytes) -> str:
+_IMAGE_EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
+def sniff_content_type(data: bytes) -> str:
+    """Blobs carry no type in Redis; the magic bytes tell PNG from JPEG (and WebP)."""
     if data.startswith(b"\x89PNG"):
-        return ".png"
+        return "image/png"
     if data.startswith(b"\xff\xd8"):
-        return ".jpg"
+        return "image/jpeg"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return ".bin"
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def _image_ext(data: bytes) -> str:
+    return _IMAGE_EXT.get(sniff_content_type(data), ".bin")
 
 
 @dataclass

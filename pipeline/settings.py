@@ -2,18 +2,29 @@
 
 Nested keys use `__` (`ANOCLIP_MODEL__PRETRAINED=none`); lists take JSON
 (`ANOCLIP_LINES='[{"id": "bottle", "class_name": "bottle"}]'`). Every error names its key, and
-`load_settings` is called at start-up so a bad config never reaches a running worker.
+`load_settings` is called at start-up so a bad config never reaches a running worker. The layering is
+pydantic-settings' own (`settings_customise_sources`: its environment and YAML sources, first wins):
+`load_settings` overrides > `ANOCLIP_...` variables > the YAML file > defaults.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from pipeline.errors import ConfigError, UnknownLineError
 
@@ -115,6 +126,15 @@ class LineSettings(_Section):
     extra_abnormal_states: list[str] = Field(default_factory=list)
     adapter_kind: AdapterKind = "text"
     threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
+    memory: Literal["off", "stream"] = "off"
+    """The line's patch memory in the worker (docs/memory.md): `stream` scores each frame by the memory fused
+    with the zero-shot map (mutual scoring until the line has a bank, then banks built from its admitted
+    frames, versioned in the registry); `off` is zero-shot AnoCLIP, nothing learned. Default `off` although
+    the memory is what makes detection work without trained weights (pixel AUROC 0.61 zero-shot vs 0.88
+    streamed, random weights) at 1.01-1.17x the cost per frame: `stream` changes a line's scores from
+    p(abnormal) to z units of its normal frames, so fixed `threshold` values and calibrations already in
+    Redis would be silently misread, and the line starts learning from its frames; both are a line's
+    explicit choice. New lines should say `stream` (and leave `threshold.image`/`pixel` unset)."""
 
     @field_validator("extra_normal_states", "extra_abnormal_states")
     @classmethod
@@ -384,6 +404,19 @@ class MemorySettings(_Section):
     against a young bank, so the patch rule, not this one, is what keeps defects out."""
     calibration_frames: int = Field(8, ge=1)
     """Admitted frames whose leave-own-frame-out distances set a new bank's z scale."""
+    gate_holdout_frames: int = Field(8, ge=0)
+    """The bank gate (docs/memory.md, *The bank gate*): at most this many of a build's newest admitted frames
+    (a quarter of the build at most) are kept out of the candidate bank and its calibration, and each gets a
+    synthetic defect pasted in as a labelled positive (one extra forward per frame on the builder thread).
+    0 = no gate: every built bank is published unchecked."""
+    gate_auroc_margin: float = Field(0.05, ge=0, le=1)
+    """Refuse a candidate bank whose pixel AUROC on the pasted positives is below the serving reference's (the
+    serving bank, or mutual scoring before the line has one) minus this. Wider than the adapters' 0.02: a build
+    holds out 1-8 frames, one positive each, and healthy consecutive banks differed by up to 0.033 (docs/memory.md)."""
+    gate_max_normal_z: float = Field(1.0, gt=0)
+    """Refuse a candidate bank under which the held-out normal frames' median memory z lies farther than this from
+    0 (the normal median a bank's scales promise): up, it calls normal frames abnormal; down, everything looks
+    normal."""
     projection_dim: int = Field(128, ge=8)
     """Random projection width the greedy coreset measures distances in."""
     seed: int = 0
@@ -440,6 +473,13 @@ class Settings(BaseSettings):
             if line.id in seen:
                 raise ValueError(f"line id {line.id!r} is declared twice")
             seen.add(line.id)
+        if self.tta.mode == "buffered":
+            both = [f"lines.{i}.memory ({line.id})" for i, line in enumerate(self.lines) if line.memory == "stream"]
+            if both:
+                # The TTA buffer admits frames against the line's p(abnormal) threshold while a memory line is
+                # judged in z units of its normal frames: together, admission would read the wrong scale.
+                raise ValueError(f"{', '.join(both)}: 'stream' does not combine with tta.mode 'buffered' yet; "
+                                 "set memory to 'off' or tta.mode to 'off' or 'per_frame'")
         return self
 
     @classmethod
@@ -451,8 +491,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The YAML file comes in as init kwargs; the environment must win over it.
-        return env_settings, init_settings, file_secret_settings
+        # First wins: `load_settings` overrides (init kwargs) > ANOCLIP_... variables > the YAML file > defaults.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _EnvSource(settings_cls)]
+        yaml_file = _YAML_FILE.get()
+        if yaml_file is not None:
+            sources.append(_YamlSource(settings_cls, yaml_file=yaml_file))
+        return (*sources, file_secret_settings)
 
     def line(self, line_id: str) -> LineSettings:
         """The line's settings, or UnknownLineError naming the known lines."""
@@ -461,6 +505,71 @@ class Settings(BaseSettings):
                 return line
         known = ", ".join(sorted(x.id for x in self.lines)) or "none"
         raise UnknownLineError(f"unknown line {line_id!r} (configured lines: {known})")
+
+
+_YAML_FILE: ContextVar[Path | None] = ContextVar("anoclip_yaml_file", default=None)
+"""The file `load_settings` is reading; `Settings()` built directly reads no file."""
+
+
+class _YamlSource(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source, failing with the file's name on bad YAML or a non-mapping top level."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            data = super()._read_file(file_path)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {file_path} is not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {file_path} is not UTF-8 text: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {file_path} must hold a mapping at the top level")
+        return data
+
+
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source; a value that is not valid JSON where JSON is needed (a list, a
+    section) raises ConfigError naming the key and the variable instead of the library's bare SettingsError."""
+
+    def prepare_field_value(self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool) -> Any:
+        try:
+            return super().prepare_field_value(field_name, field, value, value_is_complex)
+        except ValueError as e:
+            raise ConfigError(_env_json_error(field_name, e)) from e
+
+
+def _env_json_error(field_name: str, err: ValueError) -> str:
+    """`lines: not valid JSON (...) (from environment variable ANOCLIP_LINES)`, naming the failing variable."""
+    top = f"ANOCLIP_{field_name}".upper()
+    candidates = sorted(k for k in os.environ if k.upper() == top or k.upper().startswith(top + "__"))
+    culprits = []
+    for var in candidates:
+        path = var[len("ANOCLIP_"):].lower().split("__")
+        if not _expects_json(path):
+            continue
+        try:
+            json.loads(os.environ[var])
+        except ValueError:
+            culprits.append((".".join(path), var))
+    if not culprits:  # cannot tell which one: name them all
+        culprits = [(field_name, ", ".join(candidates) or top)]
+    return "invalid configuration (environment): " + "; ".join(
+        f"{key}: not valid JSON ({err.__cause__ or err}) (from environment variable {var})" for key, var in culprits
+    )
+
+
+def _expects_json(path: list[str]) -> bool:
+    """Whether the settings field at `path` is a list, tuple, dict or section (the environment gives it JSON)."""
+    model: Any = Settings
+    annotation: Any = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        annotation = fields[part].annotation
+        model = annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return get_origin(annotation) in (list, tuple, dict)
 
 
 def _env_source(loc: tuple[Any, ...]) -> str | None:
@@ -496,32 +605,20 @@ def resolve_config_path(path: str | os.PathLike[str] | None = None) -> Path | No
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
-    """Read YAML, apply environment overrides and `overrides`, validate; raise ConfigError on any problem."""
+    """Read YAML, apply environment overrides and `overrides`, validate; raise ConfigError on any problem.
+
+    First wins: `overrides` (deep-merged per section) > `ANOCLIP_...` variables > the YAML file > defaults.
+    """
     cfg_path = resolve_config_path(path)
-    data: dict[str, Any] = {}
     source = "defaults"
     if cfg_path is not None:
         source = str(cfg_path)
-        if not cfg_path.is_file():
+        if not cfg_path.expanduser().is_file():  # pydantic-settings skips a missing file silently
             raise ConfigError(f"config file not found: {cfg_path}")
-        try:
-            loaded = yaml.safe_load(cfg_path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {cfg_path} is not valid YAML: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {cfg_path} must hold a mapping at the top level")
-        data = loaded
-    data = _deep_merge(data, overrides)
+    token = _YAML_FILE.set(cfg_path)
     try:
-        return Settings(**data)
+        return Settings(**overrides)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from e
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    finally:
+        _YAML_FILE.reset(token)

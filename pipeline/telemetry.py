@@ -1,28 +1,42 @@
 """Worker telemetry: Prometheus series (prefix `anoclip_`) and the liveness/readiness endpoints of a worker.
 
-One HTTP server serves `/metrics`, `/healthz` (liveness: the poll loop is turning) and `/readyz`
-(readiness: model loaded, partitions assigned, Redis and the broker reachable; a Redis error waiting will not
-fix, such as a wrong password or Redis out of memory, is named in the body). Orchestrators restart a worker that
-is not live and route nothing to one that is not ready; a worker waiting out a Redis outage stays live
-but not ready, so it is not restarted into a crash loop.
+One HTTP server (a Starlette app under uvicorn, `TelemetryServer`) serves `/metrics`, `/healthz` (liveness:
+the poll loop is turning) and `/readyz` (readiness: model loaded, partitions assigned, Redis and the broker
+reachable; a Redis error waiting will not fix, such as a wrong password or Redis out of memory, is named in
+the body). Orchestrators restart a worker that is not live and route nothing to one that is not ready; a
+worker waiting out a Redis outage stays live but not ready, so it is not restarted into a crash loop.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import re
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    make_asgi_app,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+
+from pipeline.asgi_thread import ThreadedServer, bind
 
 disable_created_metrics()  # `_created` series double every counter and histogram and no alert or panel uses them
 
 DLQ_STAGES = ("headers", "size", "line", "decode", "inspect", "conflict")
 """Where a frame can be refused (docs/streaming.md); known up front, so their counters start at 0."""
 TTA_OUTCOMES = ("promoted", "refused", "abandoned")
+BANK_OUTCOMES = ("promoted", "refused", "skipped", "failed")
+"""A memory bank build's outcome: promoted; refused (line paused, or its bank moved meanwhile); skipped (another
+worker holds the line's bank lock); failed (an error, logged)."""
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -71,6 +85,17 @@ class WorkerTelemetry:
                                        ["line"], registry=r)
         self.adapter_version = Gauge("anoclip_adapter_version", "1 for the adapter version in use",
                                      ["line", "version"], registry=r)
+        # the per-line patch memory (`lines[].memory: stream`, docs/memory.md)
+        self.bank_version = Gauge("anoclip_bank_version", "1 for the memory bank version in use (none: cold start)",
+                                  ["line", "version"], registry=r)
+        self.bank_patches = Gauge("anoclip_bank_patches", "Patches in the memory bank in use", ["line"], registry=r)
+        self.bank_bytes = Gauge("anoclip_bank_bytes", "Bytes of features in the memory bank in use", ["line"],
+                                registry=r)
+        self.bank_refreshes = Counter("anoclip_bank_refreshes_total", "Memory bank builds by outcome",
+                                      ["line", "outcome"], registry=r)
+        self.memory_cold_start_frames = Counter("anoclip_memory_cold_start_frames_total",
+                                                "Frames scored by mutual scoring, before the line had a bank",
+                                                ["line"], registry=r)
 
     def init_lines(self, lines: list[str]) -> None:
         """Start every per-line counter of the known lines at 0, so `rate()` and alerts see the first event."""
@@ -84,6 +109,21 @@ class WorkerTelemetry:
             self.tta_buffer_frames.labels(line).set(0)  # an empty buffer (or TTA off) until frames are admitted
         for outcome in ("ok", "failed"):
             self.commits.labels(outcome)
+
+    def init_memory_line(self, line: str) -> None:
+        """A `memory: stream` line's memory series at their start: no bank, counters at 0."""
+        for outcome in BANK_OUTCOMES:
+            self.bank_refreshes.labels(line, outcome)
+        self.memory_cold_start_frames.labels(line)
+        self.set_bank(line, None, None, 0, 0)
+
+    def set_bank(self, line: str, previous: str | None, version: str | None, patches: int, nbytes: int) -> None:
+        """The memory bank a line serves now (None: none, mutual scoring)."""
+        if previous != version:
+            self.bank_version.labels(line, previous or "none").set(0)
+        self.bank_version.labels(line, version or "none").set(1)
+        self.bank_patches.labels(line).set(patches)
+        self.bank_bytes.labels(line).set(nbytes)
 
     def set_threshold(self, line: str, source: str, value: float) -> None:
         """The line's image threshold under its one current source; other sources' series are removed, not NaN."""
@@ -132,47 +172,44 @@ class Health:
 
 
 class TelemetryServer:
-    """`/metrics`, `/healthz`, `/readyz` on a background thread; port 0 picks a free port."""
+    """`/metrics`, `/healthz` (or `/livez`), `/readyz` on a background thread (`pipeline.asgi_thread`).
+
+    The socket is bound here: a port in use raises `OSError` from the constructor, and `port` is the bound
+    port (the one picked for port 0) before `start()`. uvicorn runs off the main thread, so the worker keeps
+    its own SIGTERM handling.
+    """
 
     def __init__(self, telemetry: WorkerTelemetry, health: Health, host: str = "127.0.0.1", port: int = 9400) -> None:
-        handler = _make_handler(telemetry.render, health)
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        self.port = int(self.httpd.server_address[1])
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="telemetry", daemon=True)
+        self.app = telemetry_app(telemetry, health)
+        self._server = ThreadedServer(self.app, bind(host, port), name="telemetry")
+        self.port = self._server.port
 
     def start(self) -> TelemetryServer:
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._server.stop()
 
 
-def _make_handler(render: Callable[[], bytes], health: Health) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0]
-            if path == "/metrics":
-                self._send(200, render(), CONTENT_TYPE_LATEST)
-            elif path in ("/healthz", "/livez"):
-                ok, d = health.live()
-                self._send(200 if ok else 503, json.dumps({"live": ok, **d}).encode(), "application/json")
-            elif path == "/readyz":
-                ok, d = health.ready()
-                self._send(200 if ok else 503, json.dumps({"ready": ok, **d}).encode(), "application/json")
-            else:
-                self._send(404, b"not found\n", "text/plain")
+def telemetry_app(telemetry: WorkerTelemetry, health: Health) -> Starlette:
+    """The ASGI app: prometheus_client's own app at `/metrics`, the health states as JSON, 404 for the rest."""
 
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    async def live(_request: Request) -> Response:
+        return _state(health.live(), "live")
 
-        def log_message(self, format: str, *args: object) -> None:  # silence access logs
-            return
+    async def ready(_request: Request) -> Response:
+        return _state(health.ready(), "ready")
 
-    return Handler
+    async def not_found(_request: Request, _exc: Exception) -> Response:
+        return Response(b"not found\n", 404, headers={"Content-Type": "text/plain"})
+
+    metrics = Mount("/metrics", make_asgi_app(telemetry.registry))
+    metrics.path_regex = re.compile(r"^/metrics(?P<path>)$")  # exactly /metrics, without Mount's redirect to /metrics/
+    routes = [metrics, Route("/healthz", live), Route("/livez", live), Route("/readyz", ready)]
+    return Starlette(routes=routes, exception_handlers={404: not_found})
+
+
+def _state(result: tuple[bool, dict[str, object]], key: str) -> Response:
+    ok, d = result
+    return Response(json.dumps({key: ok, **d}), 200 if ok else 503, media_type="application/json")

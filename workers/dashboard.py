@@ -9,44 +9,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import signal
 import threading
-from pathlib import Path
 
 from pipeline.dashboard.server import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, DashboardServer
-from pipeline.errors import ConfigError
 from pipeline.redaction import install_log_redaction, redact_url, register_secrets
 from pipeline.settings import load_settings
+from workers.http_options import add_server_arguments, read_token
 
 log = logging.getLogger("anoclip.dashboard")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `anoclip dashboard`."""
-    p.add_argument("--config", default=None, help="config file (default: $ANOCLIP_CONFIG or ./config.yaml)")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
-    p.add_argument("--token-file", default=None,
-                   help=f"file holding the access token(s) (else ${TOKEN_ENV}): a secret of 16+ characters, or "
-                        "name:secret pairs, one per line, so labels record who set them; required off loopback")
-    p.add_argument("--allow-no-token", action="store_true",
-                   help="listen off loopback without a token (only on a network you trust)")
+    add_server_arguments(p, host=DEFAULT_HOST, port=DEFAULT_PORT, token_env=TOKEN_ENV, port_help="; 0 = any free",
+                         token_help=f"file holding the access token(s) (else ${TOKEN_ENV}): a secret of 16+ "
+                                    "characters, or name:secret pairs, one per line, so labels record who set them; "
+                                    "required off loopback")
     p.add_argument("--history", type=int, default=200, help="scores per line in the chart (default 200)")
-
-
-def read_token(token_file: str | None) -> str | None:
-    """The access token from --token-file, else the environment; None when neither is set."""
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"cannot read the dashboard token file {token_file}: {e}") from e
-        if not token:
-            raise ConfigError(f"the dashboard token file {token_file} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     store = DashboardStore(settings, history=max(10, args.history))
-    token = read_token(args.token_file)
+    token = read_token(args.token_file, TOKEN_ENV, "dashboard")
     # the token secrets (`name:secret` pairs or one bare secret) never reach a log line, e.g. a `/?token=` URL
     register_secrets(*(entry.partition(":")[2] or entry for entry in re.split(r"[\s,]+", token or "")))
     install_log_redaction()

@@ -142,25 +142,37 @@ def to_bytes(adapter: ResidualAdapter, meta: dict[str, Any]) -> bytes:
     return st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)})
 
 
-def read_meta(data: bytes) -> dict[str, Any]:
-    """The adapter metadata from safetensors bytes (parses only the JSON header; loads no tensors)."""
+def read_header_meta(
+    data: bytes, *, meta_key: str, fmt: str, version: int, error: type[Exception], noun: str, article: str = "a",
+    max_header: int = _MAX_HEADER,
+) -> dict[str, Any]:
+    """The JSON metadata under `meta_key` in a safetensors header (parses only the header, loads no tensors).
+
+    Shared by adapter files and memory banks (`pipeline.adaptation.memory_bank`): anything that is not
+    safetensors, lacks the metadata, or has another format or format version raises `error`, whose message
+    names the `noun` ("adapter file", "memory bank").
+    """
     if len(data) < 8:
-        raise AdapterMismatchError("not an adapter file: too short to be safetensors")
+        raise error(f"not {article} {noun}: too short to be safetensors")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER or 8 + n > len(data):
-        raise AdapterMismatchError("not an adapter file: invalid safetensors header")
+    if n > max_header or 8 + n > len(data):
+        raise error(f"not {article} {noun}: invalid safetensors header")
     try:
         header = json.loads(data[8 : 8 + n])
-        meta = json.loads(header["__metadata__"][META_KEY])
+        meta = json.loads(header["__metadata__"][meta_key])
     except (ValueError, KeyError, TypeError) as e:
-        raise AdapterMismatchError("not an anoclip adapter file: no adapter metadata in its safetensors header") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AdapterMismatchError("not an anoclip adapter file: unknown format")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterMismatchError(
-            f"adapter format version {meta.get('format_version')} is not supported (this build reads {FORMAT_VERSION})"
-        )
+        raise error(f"not an anoclip {noun}: no {meta_key} metadata in its safetensors header") from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise error(f"not an anoclip {noun}: unknown format")
+    if meta.get("format_version") != version:
+        raise error(f"{noun} format version {meta.get('format_version')} is not supported (this build reads {version})")
     return meta
+
+
+def read_meta(data: bytes) -> dict[str, Any]:
+    """The adapter metadata from safetensors bytes (parses only the JSON header; loads no tensors)."""
+    return read_header_meta(data, meta_key=META_KEY, fmt=FORMAT, version=FORMAT_VERSION, error=AdapterMismatchError,
+                            noun="adapter file", article="an")
 
 
 def check_meta(meta: dict[str, Any], target: AdapterTarget) -> None:

@@ -11,16 +11,19 @@
 * `StreamMemory` — the causal per-line logic a worker runs: cold start by mutual scoring over the last
   frames, admission of normal-looking patches, banks refreshed on a doubling schedule. `replay_stream`
   runs a finite stream through it (what `anoclip eval --memory stream` does).
+* `gate_bank` — the worker's check of a candidate bank on held-out frames with synthetic defects pasted in
+  (`make_positives`) against the serving bank or mutual scoring (docs/memory.md, *The bank gate*).
 
 Pure-torch math lives in `pipeline.model.memory`; this module wires it to lines, frames and settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
-import struct
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +36,9 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pipeline.adaptation.adapter_files import read_header_meta
+from pipeline.adaptation.buffered import input_resizer
+from pipeline.adaptation.synthetic import synthetic_anomaly
 from pipeline.errors import AnoclipError, ConfigError
 from pipeline.inspection.inspector import Inspector, RawScore
 from pipeline.model import AnoCLIP, TileLayout
@@ -46,6 +52,7 @@ from pipeline.model.memory import (
     patch_features,
     top_mean,
 )
+from pipeline.model.self_training import GateResult, pixel_auroc, stream_seed
 from pipeline.settings import MemorySettings
 
 FORMAT = "anoclip-memory"
@@ -81,6 +88,9 @@ class MemoryParams:
     admit_min_window: int = 8
     admit_max_abnormal_share: float = 0.25
     calibration_frames: int = 8
+    gate_holdout_frames: int = 8
+    gate_auroc_margin: float = 0.05
+    gate_max_normal_z: float = 1.0
     projection_dim: int = 128
     seed: int = 0
 
@@ -407,23 +417,8 @@ def to_bytes(bank: MemoryBank) -> bytes:
 
 def read_meta(data: bytes) -> dict[str, Any]:
     """The bank's metadata from safetensors bytes (parses only the JSON header)."""
-    if len(data) < 8:
-        raise MemoryBankError("not a memory bank: too short to be safetensors")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER or 8 + n > len(data):
-        raise MemoryBankError("not a memory bank: invalid safetensors header")
-    try:
-        meta = json.loads(json.loads(data[8 : 8 + n])["__metadata__"][META_KEY])
-    except (ValueError, KeyError, TypeError) as e:
-        raise MemoryBankError("not an anoclip memory bank: no bank metadata in its safetensors header") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise MemoryBankError("not an anoclip memory bank: unknown format")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise MemoryBankError(
-            f"memory bank format version {meta.get('format_version')} is not supported "
-            f"(this build reads {FORMAT_VERSION})"
-        )
-    return meta
+    return read_header_meta(data, meta_key=META_KEY, fmt=FORMAT, version=FORMAT_VERSION, error=MemoryBankError,
+                            noun="memory bank", max_header=_MAX_HEADER)
 
 
 def check_meta(meta: dict[str, Any], target: BankTarget) -> None:
@@ -536,6 +531,29 @@ class MemoryScorer:
         return out
 
 
+def _mutual_raw(rec: FrameRecord, window: Sequence[FrameRecord], share: float) -> tuple[torch.Tensor, ScoreScale]:
+    """(n_tiles, P) mutual scores of a frame against `window`, and their scale: the window's own mutual scores
+    (as they were scored) plus this frame's."""
+    flat = rec.features.reshape(1, -1, rec.features.shape[-1])
+    refs = [w.features.reshape(-1, w.features.shape[-1]) for w in window]
+    m = mutual_scores(flat, refs, share)[0].reshape(rec.features.shape[:2])
+    hist = [w.memory_raw.reshape(-1) for w in window if w.memory_raw is not None] + [m.reshape(-1)]
+    return m, ScoreScale.of(torch.cat(hist))
+
+
+def score_mutual(scorer: MemoryScorer, raw: RawScore, rec: FrameRecord, window: Sequence[FrameRecord]) -> MemoryScore:
+    """A frame scored as a line without a bank scores it: mutually against `window` (its last frames), fused with
+    the zero-shot map in the window's z units; the zero-shot map alone when the window is empty."""
+    if not window:
+        zs = ScoreScale.of(rec.zero_shot_sample)
+        return scorer.fused(raw, None, None, zs, ScoreScale(rec.cls_score, 1.0), "none")
+    m, mem = _mutual_raw(rec, window, scorer.params.mutual_share)
+    rec.memory_raw = m
+    zs = ScoreScale.of(torch.cat([w.zero_shot_sample for w in window] + [rec.zero_shot_sample]))
+    cls = ScoreScale.of(torch.tensor([w.cls_score for w in window] + [rec.cls_score]))
+    return scorer.fused(raw, m, mem, zs, cls, f"mutual:{len(window)}")
+
+
 def score_with_bank(
     inspector: Inspector, line_id: str, images: list[np.ndarray], bank: MemoryBank, params: MemoryParams,
     tta: str | None = None,
@@ -639,6 +657,216 @@ class StreamStep:
     """The frames a mutual score compared with (empty when a bank scored the frame)."""
 
 
+@dataclass
+class BuildJob:
+    """What the next bank is built from: taken from a `StreamMemory` at once, built later, maybe elsewhere."""
+
+    records: list[FrameRecord]
+    """The newest admitted frames (calibration)."""
+    rows: PatchRows
+    """The pending admitted patches."""
+    cls_history: list[float]
+    parent: MemoryBank | None
+    frames: int
+    """Admitted frames the rows come from."""
+    holdout: list[HeldOut] = field(default_factory=list)
+    """The gate's held-out frames: the newest admitted frames of the build, kept out of `rows` and `records`."""
+    holdout_rows: PatchRows | None = None
+    """Their admitted patches: they join the next build once this one is promoted (dropped if it is refused)."""
+    window: list[FrameRecord] = field(default_factory=list)
+    """The line's last frames at hand-over: the cold-start reference the gate compares a first bank with."""
+
+
+@dataclass
+class HeldOut:
+    """An admitted frame held out of a build for its gate: its record and its image at model input size (None when
+    the frame came without one; then it gives no pasted positive)."""
+
+    record: FrameRecord
+    image: np.ndarray | None
+
+
+def bank_thresholds(bank: MemoryBank, records: Sequence[FrameRecord], params: MemoryParams, *,
+                    quantile: float = 0.99, pixel_quantile: float = 0.999) -> dict[str, float]:
+    """Thresholds in the fused z units for frames scored by `bank`, calibrated on held-out normal frames.
+
+    Each of `records` (admitted frames, normally the bank's newest calibration frames) is scored as a new
+    frame would be, against the bank without its own rows: the image threshold is the `quantile` of their fused
+    image scores, the pixel threshold w x the `pixel_quantile` of their memory z plus (1 - w) x that of their
+    zero-shot z (a sum of quantiles: at or above the fused map's). None of the frames' own patches answer for
+    them, so the figures are held out. Only their admitted patches count: an admitted frame may still carry a
+    spot admission refused (a recurring defect does, every time), and counting it as normal would raise the
+    threshold over the very defect (measured: a stain in 30% of frames, 5.3-5.9 z, under an image threshold
+    of 5.8 after three refreshes); the figures are then those of normal patches, the alerting side.
+    """
+    if not records:
+        return {}
+    w, s = params.fusion_weight, bank.scales
+    index_of = {fid: i for i, fid in enumerate(bank.frames)}
+    feats = bank.features.float()
+    images, mem_z, zs_z = [], [], []
+    for rec in records:
+        own = index_of.get(rec.frame_id)
+        mask = bank.origin != own if own is not None else torch.ones_like(bank.origin, dtype=torch.bool)
+        if not bool(mask.any()):
+            continue
+        q = kept_rows(rec)
+        if q.shape[0] == 0:
+            continue
+        z = s.memory.z(nearest_distances(q, feats[mask], 1)[:, 0])
+        cls_z = s.cls.z(torch.tensor(rec.cls_score))
+        images.append(float(fuse(top_mean(z, params.image_top_k), cls_z, w)))
+        mem_z.append(z)
+        zs_z.append(s.zero_shot.z(rec.zero_shot_sample))
+    if not images:
+        return {}
+    pixel = w * float(torch.quantile(torch.cat(mem_z), pixel_quantile)) + (1 - w) * float(
+        torch.quantile(torch.cat(zs_z), pixel_quantile))
+    return {"image": float(np.quantile(images, quantile)), "pixel": pixel, "pixel_median": 0.0,
+            "frames": len(images)}
+
+
+# --------------------------------------------------------------------------------------------------
+# the bank gate: held-out frames and pasted positives (docs/memory.md, *The bank gate*)
+
+
+@dataclass(frozen=True)
+class BankGateRule:
+    """When a candidate bank is refused (`gate_bank`)."""
+
+    auroc_margin: float = 0.05
+    """Refuse if its pixel AUROC on the pasted positives is below the serving reference's minus this."""
+    max_normal_z: float = 1.0
+    """Refuse if the held-out normal frames' median memory z lies farther than this from 0."""
+
+    @classmethod
+    def from_params(cls, p: MemoryParams) -> BankGateRule:
+        return cls(p.gate_auroc_margin, p.gate_max_normal_z)
+
+
+@dataclass
+class BankPositive:
+    """A labelled frame of the bank gate: a synthetic defect pasted into a held-out frame, scored by the model."""
+
+    raw: RawScore
+    record: FrameRecord
+    mask: torch.Tensor
+    """(h, w) bool at the model input size: True = the pasted defect."""
+    source_frame: str
+    """The held-out frame it was pasted into (left out of a mutual reference, as a new frame is)."""
+
+
+def _mask_at(mask: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    if tuple(m.shape[-2:]) != tuple(hw):
+        m = F.interpolate(m, size=tuple(hw), mode="nearest")
+    return m[0, 0] > 0.5
+
+
+POSITIVE_KIND = "perlin"
+"""The bank gate pastes foreign-texture blobs only. A patch memory is location-blind: a CutPaste rectangle of the
+frame's own material is, inside its rim, normal patches at another place, which a bank rightly matches (measured,
+tiny test model, wood: pixel AUROC 0.08-0.99 per CutPaste frame against a bank of normal frames, 0.55-0.96 per
+Perlin frame); such labels would measure chance, not the bank."""
+
+
+def make_positives(
+    inspector: Inspector, line_id: str, held: Sequence[HeldOut], params: MemoryParams
+) -> list[BankPositive]:
+    """One synthetic defect (`synthetic_anomaly`, a Perlin-masked foreign texture: `POSITIVE_KIND`; deterministic
+    in the frame id) pasted into each held-out frame that kept its image, scored by the model (base weights, no
+    TTA): one forward per frame."""
+    items = [(h.record.frame_id, h.image) for h in held if h.image is not None and min(h.image.shape[:2]) >= 8]
+    if not items:  # no image kept (or one too small to paste into)
+        return []
+    pasted = [synthetic_anomaly(img, stream_seed(params.seed, zlib.crc32(fid.encode())), POSITIVE_KIND)
+              for fid, img in items]
+    raws = score_frames(inspector, line_id, [a.image for a in pasted], params)
+    grid = inspector.model.grid_size
+    out = []
+    for (fid, _), a, r in zip(items, pasted, raws, strict=True):
+        rec = frame_record(r, f"{fid}#{a.kind}", params, grid)
+        out.append(BankPositive(dataclasses.replace(r, hidden=None, image=None), rec, _mask_at(a.mask, r.input_hw),
+                                fid))
+    return out
+
+
+def normal_median_z(bank: MemoryBank, normals: Sequence[FrameRecord]) -> float:
+    """Median memory z, under `bank`'s scales, of the admitted patches of frames not in it (NaN: none)."""
+    zs = [bank.scales.memory.z(bank.distances(q)) for q in (kept_rows(r) for r in normals) if q.shape[0]]
+    return float(torch.cat(zs).median()) if zs else math.nan
+
+
+def _mutual_median_z(normals: Sequence[FrameRecord], window: Sequence[FrameRecord], share: float) -> float:
+    zs = []
+    for r in normals:
+        ref = [w for w in window if w.frame_id != r.frame_id]
+        if not ref:
+            continue
+        m, scale = _mutual_raw(r, ref, share)
+        flat = m.reshape(-1)
+        zs.append(scale.z(flat if r.keep is None else flat[r.keep.reshape(-1)]))
+    return float(torch.cat(zs).median()) if zs else math.nan
+
+
+def gate_bank(
+    candidate: MemoryBank,
+    serving: MemoryBank | None,
+    normals: Sequence[FrameRecord],
+    positives: Sequence[BankPositive],
+    scorer: MemoryScorer,
+    rule: BankGateRule | None = None,
+    *,
+    window: Sequence[FrameRecord] = (),
+) -> GateResult:
+    """Judge a candidate bank on frames it has never seen; refuse it, with reasons, if it is unsafe.
+
+    `normals`: held-out admitted frames (the newest of the build, kept out of the bank and its calibration);
+    `positives`: synthetic defects pasted into them (`make_positives`). The reference is the serving bank, or,
+    before the line has one, what serves it now: mutual scoring against `window` (the line's last frames, without
+    the positive's own source frame; an empty window leaves the zero-shot map). Refusals:
+
+    * pixel AUROC of the fused map on the positives below the reference's minus `auroc_margin` (the candidate
+      learned something like the pasted defects as normal, or lost coverage);
+    * the normals' median memory z farther than `max_normal_z` from 0: a bank's scales promise that a new normal
+      patch sits at z ~ 0; far above, normal frames raise alarms; far below, the scale widened until defects
+      look normal too (AUROC alone misses that: it does not see where the threshold falls).
+    """
+    r = rule or BankGateRule()
+    reasons: list[str] = []
+    figures: dict[str, Any] = {"holdout_frames": len(normals), "positives": len(positives),
+                               "reference": f"bank:{serving.version}" if serving is not None else "mutual"}
+    med_c = normal_median_z(candidate, normals)
+    med_s = normal_median_z(serving, normals) if serving is not None else _mutual_median_z(
+        normals, window, scorer.params.mutual_share)
+    figures.update({"normal_median_z_candidate": med_c, "normal_median_z_serving": med_s})
+    if not math.isfinite(med_c) and normals:
+        reasons.append("the held-out normal frames have no admitted patch to judge the candidate on")
+    elif abs(med_c) > r.max_normal_z:
+        what = "normal frames look abnormal" if med_c > 0 else "everything looks normal"
+        reasons.append(f"held-out normal frames' median z is {med_c:+.2f} under the candidate (bound "
+                       f"±{r.max_normal_z}): {what}")
+    if positives:
+        raws, recs = [p.raw for p in positives], [p.record for p in positives]
+        y = torch.cat([p.mask.reshape(-1) for p in positives])
+        cand = torch.cat([m.anomaly_map.reshape(-1) for m in scorer.with_bank_batch(raws, recs, candidate)])
+        if serving is not None:
+            ref_maps = [m.anomaly_map for m in scorer.with_bank_batch(raws, recs, serving)]
+        else:
+            ref_maps = [score_mutual(scorer, p.raw, p.record, [w for w in window if w.frame_id != p.source_frame])
+                        .anomaly_map for p in positives]
+        ref = torch.cat([m.reshape(-1) for m in ref_maps])
+        auc_c, auc_s = pixel_auroc(cand, y), pixel_auroc(ref, y)
+        figures.update({"labelled_pixels": int(y.sum()), "pixel_auroc_candidate": auc_c,
+                        "pixel_auroc_serving": auc_s})
+        if not bool(torch.isfinite(cand).all()):
+            reasons.append("the candidate produces non-finite maps on the pasted positives")
+        elif math.isfinite(auc_c) and math.isfinite(auc_s) and auc_c < auc_s - r.auroc_margin:
+            reasons.append(f"pixel AUROC on {len(positives)} pasted positives fell to {auc_c:.3f} from the "
+                           f"{figures['reference']} reference's {auc_s:.3f} (margin {r.auroc_margin})")
+    return GateResult(not reasons, reasons, figures)
+
+
 class StreamMemory:
     """A line's memory as a worker runs it, causally: a frame is scored only with what came before it.
 
@@ -669,7 +897,10 @@ class StreamMemory:
         self.pending_frames = 0
         self._reduced_rows = 0
         self._block_frames = 0
-        self.calibration: deque[FrameRecord] = deque(maxlen=params.calibration_frames)
+        self.calibration: deque[FrameRecord] = deque(maxlen=params.calibration_frames + params.gate_holdout_frames)
+        self.recent: deque[HeldOut] = deque(maxlen=max(params.gate_holdout_frames, 1))
+        """The newest admitted frames with their images at model input size: a build's held-out frames."""
+        self._to_input = input_resizer(inspector) if params.gate_holdout_frames > 0 else None
         self.cls_history: deque[float] = deque(maxlen=256)
         self.admitted = 0
         self.refreshes = 0
@@ -683,27 +914,22 @@ class StreamMemory:
         result, ids = self._score_record(raw, rec)
         return result, rec, ids
 
+    def score_record(self, raw: RawScore, rec: FrameRecord) -> tuple[MemoryScore, list[str]]:
+        """Score one frame's record with the current state (bank, else mutual over the window); changes nothing.
+        Also the frames a mutual score compared with."""
+        return self._score_record(raw, rec)
+
     def _score_record(self, raw: RawScore, rec: FrameRecord) -> tuple[MemoryScore, list[str]]:
         if self.bank is not None:
             return self.scorer.with_bank(raw, rec, self.bank), []
         window = list(self.window)
-        ids = [w.frame_id for w in window]
-        if not window:
-            zs = ScoreScale.of(rec.zero_shot_sample)
-            return self.scorer.fused(raw, None, None, zs, ScoreScale(rec.cls_score, 1.0), "none"), ids
-        flat = rec.features.reshape(1, -1, rec.features.shape[-1])
-        refs = [w.features.reshape(-1, w.features.shape[-1]) for w in window]
-        m = mutual_scores(flat, refs, self.params.mutual_share)[0].reshape(rec.features.shape[:2])
-        rec.memory_raw = m
-        hist = [w.memory_raw.reshape(-1) for w in window if w.memory_raw is not None] + [m.reshape(-1)]
-        mem = ScoreScale.of(torch.cat(hist))
-        zs = ScoreScale.of(torch.cat([w.zero_shot_sample for w in window] + [rec.zero_shot_sample]))
-        cls = ScoreScale.of(torch.tensor([w.cls_score for w in window] + [rec.cls_score]))
-        return self.scorer.fused(raw, m, mem, zs, cls, f"mutual:{len(window)}"), ids
+        return score_mutual(self.scorer, raw, rec, window), [w.frame_id for w in window]
 
     # -- learning ----------------------------------------------------------------------------------
-    def observe(self, rec: FrameRecord, result: MemoryScore) -> Admission:
-        """Admission of a scored frame; the frame joins the mutual window either way."""
+    def observe(self, rec: FrameRecord, result: MemoryScore, image: np.ndarray | None = None) -> Admission:
+        """Admission of a scored frame; the frame joins the mutual window either way. `image` (the frame): an
+        admitted frame keeps it, at model input size, while it is among the newest (the bank gate's held-out
+        frames paste their synthetic defects into it)."""
         kind, _, n = result.source.partition(":")
         if kind == "mutual" and int(n) < self.params.admit_min_window:
             keep, adm = None, Admission(False, 0, float("nan"), f"cold-start window of {n} frames is too small")
@@ -714,6 +940,8 @@ class StreamMemory:
             self.add_rows(rec.frame_id, kept_rows(rec))
             self.calibration.append(rec)
             self.cls_history.append(rec.cls_score)
+            if self._to_input is not None:
+                self.recent.append(HeldOut(rec, self._to_input(image) if image is not None else None))
         self.window.append(rec)
         return adm
 
@@ -743,18 +971,55 @@ class StreamMemory:
     def due(self) -> bool:
         return self.pending_frames >= self.next_refresh
 
-    def refresh(self) -> MemoryBank:
-        """Build the next bank from the serving one and the pending admitted patches, and serve it."""
+    def take_pending(self, holdout: int = 0) -> BuildJob:
+        """Hand the pending admitted patches over to a build and start collecting anew (cheap: no copies).
+
+        A worker takes them on its scoring thread, builds on another (`build`) and serves the result between
+        batches (`install`); frames admitted meanwhile wait for the next bank. Advances the refresh schedule.
+
+        `holdout`: at most this many of the newest admitted frames (and at most a quarter of the build) are held
+        out for the bank gate (`gate_bank`): their patches are kept apart from the rows (`BuildJob.holdout_rows`)
+        and they calibrate nothing, so the gate judges the candidate on frames it has never seen (a time split)."""
         if self.pending_frames == 0:
             raise ValueError("nothing admitted since the last bank")
-        bank = build_bank(self.line_id, list(self.calibration), self.params, self.target, parent=self.bank,
-                          rows=self.pending, cls_history=list(self.cls_history))
-        self.bank = bank
+        n_h = min(holdout, self.params.gate_holdout_frames, self.pending_frames // 4, len(self.recent))
+        held = list(self.recent)[len(self.recent) - n_h:] if n_h > 0 else []
+        held_ids = {h.record.frame_id for h in held}
+        rows, held_rows = self.pending, None
+        if held_ids:
+            frame_held = torch.tensor([f in held_ids for f in rows.frames], dtype=torch.bool)
+            row_held = frame_held[rows.origin] if rows.rows else torch.zeros(0, dtype=torch.bool)
+            held_rows = rows.select(torch.nonzero(row_held).flatten())
+            rows = rows.select(torch.nonzero(~row_held).flatten())
+        records = [r for r in self.calibration if r.frame_id not in held_ids][-self.params.calibration_frames:]
+        job = BuildJob(records, rows, list(self.cls_history), self.bank, self.pending_frames - len(held),
+                       held, held_rows, list(self.window))
         self.pending = PatchRows.empty(self.target.feature_dim)
         self.pending_frames = self._reduced_rows = self._block_frames = 0
-        self.refreshes += 1
-        self.versions.append(bank.version)
         self.next_refresh = min(self.next_refresh * 2, self.params.refresh_max_frames)
+        return job
+
+    def build(self, job: BuildJob) -> MemoryBank:
+        """The bank of a job from `take_pending`: touches no state of the stream, so any thread may run it."""
+        return build_bank(self.line_id, job.records, self.params, self.target, parent=job.parent, rows=job.rows,
+                          cls_history=job.cls_history)
+
+    def carry_over(self, rows: PatchRows) -> None:
+        """Admitted patches held out of a promoted build join the next one (they do not advance the schedule)."""
+        if rows.rows:
+            self.pending.extend(rows)
+
+    def install(self, bank: MemoryBank | None) -> None:
+        """Serve `bank` from the next frame on (None: back to mutual scoring, e.g. after a rollback to no bank)."""
+        self.bank = bank
+        if bank is not None:
+            self.refreshes += 1
+            self.versions.append(bank.version)
+
+    def refresh(self) -> MemoryBank:
+        """Build the next bank from the serving one and the pending admitted patches, and serve it."""
+        bank = self.build(self.take_pending())
+        self.install(bank)
         return bank
 
     def step(self, raw: RawScore, frame_id: str) -> StreamStep:

@@ -169,6 +169,7 @@ class AdapterService:
                 st.seen_request = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._train = True
 
     # -- serving --------------------------------------------------------------------------------
     def adapter_for(self, line: str) -> tuple[Any, str | None]:
@@ -219,8 +220,12 @@ class AdapterService:
             self.telemetry.tta_buffer_frames.labels(line).set(len(st.tta.buffer))
 
     # -- refreshing -----------------------------------------------------------------------------
-    def start(self) -> AdapterService:
-        self._thread = threading.Thread(target=self._loop, name="adapter-trainer", daemon=True)
+    def start(self, *, train: bool = True) -> AdapterService:
+        """Run the service thread. `train=False` only follows the registry (`anoclip serve`): it buffers
+        nothing, so it never trains nor answers refresh requests; the workers do."""
+        self._train = train
+        self._thread = threading.Thread(target=self._loop, name="adapter-trainer" if train else "adapter-follower",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -234,7 +239,7 @@ class AdapterService:
             for line in list(self.lines):
                 try:
                     self.sync(line)
-                    if self.settings.mode == "buffered":
+                    if self._train and self.settings.mode == "buffered":
                         self._maybe_refresh(line)
                 except Exception:  # Redis down or a bug: the trainer must never take the worker down
                     log.exception("line %s: adapter service step failed", line)

@@ -61,8 +61,11 @@ class LiveFeed:
         self._subscribed = False
 
     # --- subscribers -------------------------------------------------------------------------
-    def subscribe(self) -> queue.Queue[Any]:
-        q: queue.Queue[Any] = queue.Queue(maxsize=self.queue_size)
+    def subscribe(self, wake: Callable[[], None] | None = None) -> queue.Queue[Any]:
+        """A queue of `Event`s (and `CLOSE`); `wake` is called after each put, so an asyncio reader can await
+        the next one instead of blocking a thread or polling. It must not block or raise."""
+        q: queue.Queue[Any] = queue.Queue(maxsize=self.queue_size) if wake is None else _WakingQueue(
+            self.queue_size, wake)
         with self._lock:
             self._subs.add(q)
         return q
@@ -174,6 +177,16 @@ class LiveFeed:
                     self._set_redis(True)
             except (redis.RedisError, OSError) as e:
                 self._set_redis(False, f"{type(e).__name__}: {e}")
+
+
+class _WakingQueue(queue.Queue[Any]):
+    def __init__(self, maxsize: int, wake: Callable[[], None]) -> None:
+        super().__init__(maxsize)
+        self.wake = wake
+
+    def _put(self, item: Any) -> None:  # the hook every put() runs, under the queue's lock
+        super()._put(item)
+        self.wake()
 
 
 def _force_put(q: queue.Queue[Any], item: Any) -> None:

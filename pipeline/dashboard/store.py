@@ -23,7 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from pipeline.describe import describe_regions, verdict_note
-from pipeline.labels import AlertFacts, LabelStore, suggest_threshold
+from pipeline.labels import AlertFacts, LabelStore, sniff_content_type, suggest_threshold
 from pipeline.redis_client import make_redis
 from pipeline.redis_keys import FRAME_ID_RE, RedisKeys  # noqa: F401  (FRAME_ID_RE: the shared frame-id rule)
 from pipeline.settings import Settings
@@ -59,7 +59,8 @@ def decode_value(raw: Any) -> Any:
 
 
 TEXT_FIELDS = frozenset({"frame_id", "line", "line_id", "camera", "worker", "worker_id", "host", "lines",
-                         "partitions", "version", "from_version", "adapter_version", "request_id", "actor"})
+                         "partitions", "version", "from_version", "adapter_version", "bank_version", "request_id",
+                         "actor"})
 """Names and ids: kept as text even when they look like numbers (frame "0042" is not frame 42)."""
 
 
@@ -84,17 +85,6 @@ def stream_entry(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
         out["line"] = out["line_id"]
     out["anomalous"] = is_anomalous_verdict(out.get("verdict", False))
     return out
-
-
-def sniff_content_type(data: bytes) -> str:
-    """Blobs carry no type in Redis; the magic bytes tell PNG from JPEG."""
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
 
 
 def outline_png(mask_png: bytes, width: int | None = None) -> bytes:
@@ -502,6 +492,7 @@ class DashboardStore:
             "server_time_ms": int(time.time() * 1000),
             "workers": workers,
             "alerts_total": self.client.xlen(self.keys.alerts_stream),
+            "order": ids,  # JSON objects do not keep key order for numeric-looking keys in browsers
             "lines": {x: {"throughput": self.throughput(x), "adapter": self.adapter(x),
                           "threshold": self.threshold(x), "status": self.line_status(x, self.latest(x), workers),
                           "labels": self.labels.counts(x).to_dict(), "yield": self.yield_per_hour(x)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,15 +15,22 @@ if TYPE_CHECKING:
     from pipeline.inspection.inspector import Inspection
 
 
-def _jet_lut() -> np.ndarray:
-    x = np.linspace(0.0, 1.0, 256)
-    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
-    return (np.stack([r, g, b], axis=1) * 255).astype(np.uint8)
+HEATMAP_COLORMAP = "jet"
 
 
-JET = _jet_lut()
+@functools.cache
+def colormap_lut(name: str = HEATMAP_COLORMAP) -> np.ndarray:
+    """256 x 3 uint8 RGB table of a matplotlib colormap, built on first use.
+
+    Only `matplotlib.colormaps` is imported (no pyplot, no backend, no font cache), and only when the first
+    heatmap is drawn, so importing this module stays cheap.
+    """
+    from matplotlib import colormaps
+
+    lut = colormaps[name].resampled(256)(np.arange(256), bytes=True)[:, :3]
+    lut = np.ascontiguousarray(lut, dtype=np.uint8)
+    lut.flags.writeable = False  # shared by every caller
+    return lut
 
 
 def bounded_size(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -61,10 +69,11 @@ def mask_png(mask: np.ndarray) -> bytes:
 
 
 def colorize(anomaly_map: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map scores to jet colours over a fixed range (not min-max per image, which makes normal frames hot)."""
+    """Map scores to jet colours (matplotlib's) over a fixed range (not min-max per image, which makes normal
+    frames hot)."""
     span = max(hi - lo, 1e-12)
     idx = np.clip((anomaly_map - lo) / span * 255.0, 0, 255).astype(np.uint8)
-    return JET[idx]
+    return colormap_lut()[idx]
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, lo: float, hi: float, mask: np.ndarray | None = None,

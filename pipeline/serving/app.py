@@ -1,7 +1,9 @@
 """The HTTP inspection API: `POST /v1/lines/{line}/inspect` with an image body returns the verdict as JSON.
 
 One request is one frame, judged exactly as a streamed frame (same Inspector, thresholds, geometry
-limits, bounded-size masks) and answered with the same record the worker stores in Redis
+limits, bounded-size masks; with buffered TTA, each line's promoted adapter from the Redis registry and its
+thresholds, followed as workers follow them; a `memory: stream` line with its current patch-memory bank from the
+bank registry, read only: requests never admit frames) and answered with the same record the worker stores in Redis
 (`FrameResult.to_json_dict`), optionally also published there (`publish=True`). Bad bodies get a 4xx
 whose `error` is the reason the DLQ would give. Concurrent requests share model batches
 (`InspectionBatcher`). Loopback needs no token; any other bind needs one (`Authorization: Bearer`),
@@ -12,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
-import ipaddress
+import contextlib
 import logging
 import os
-import re
 import signal
 import socket
 import threading
@@ -31,10 +31,17 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
+from pipeline.adaptation.memory_service import MemoryService, NoBankError
+from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.service import AdapterService
 from pipeline.errors import ConfigError, ImageError, UnknownLineError
+from pipeline.http_auth import AccessGuard, AccessPolicy, require_token_off_loopback, token_rule
 from pipeline.inspection.imaging import GeometryLimits, decode_image
 from pipeline.inspection.inspector import Inspection, Inspector
 from pipeline.inspection.render import heatmap_png, mask_png
+from pipeline.redaction import redact_url
+from pipeline.redis_client import RETRYABLE, make_redis
+from pipeline.redis_keys import RedisKeys
 from pipeline.serving.batcher import InspectionBatcher
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
@@ -46,29 +53,22 @@ log = logging.getLogger("anoclip.serve")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8800
 TOKEN_ENV = "ANOCLIP_SERVE_TOKEN"
-TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=\-]{8,512}$")
+TOKEN_RE = token_rule(8)
+AUTH_REQUIRED = "a valid access token is required (Authorization: Bearer TOKEN)"
 OPEN_PATHS = {"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
 IMAGE_BODY = {"required": True, "content": {t: {"schema": {"type": "string", "format": "binary"}}
                                             for t in ("image/jpeg", "image/png")}}
 _MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"))
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and `localhost`: the only binds that need no token."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+NO_BANK_RETRY_S = 30
+"""`Retry-After` of a 503 for a `memory: stream` line without a bank: its workers publish the first one after
+`memory.min_bank_frames` admitted frames (seconds on a running line), serve follows within `tta.trainer_poll_s`."""
+STAGE_MEMORY = "memory"
 
 
 def check_token_policy(host: str, token: str | None, allow_no_token: bool) -> str | None:
     """The token to require (None: none). Refuses a bind beyond this machine without one."""
     token = token.strip() if token else None
-    if not is_loopback(host) and token is None and not allow_no_token:
-        raise ConfigError(f"anoclip serve would listen on {host}, beyond this machine, without an access token: "
-                          f"set {TOKEN_ENV} (or --token-file), or pass --allow-no-token if the network is trusted")
+    require_token_off_loopback("anoclip serve", host, token is not None, allow_no_token, TOKEN_ENV)
     if token is not None and not TOKEN_RE.match(token):
         raise ConfigError("the serve access token must be 8 to 512 characters of A-Z a-z 0-9 . _ ~ + / = - "
                           "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
@@ -96,6 +96,9 @@ class InspectResult(BaseModel):
     defect_area: int = Field(description="mask pixels, at the judged (bounded) size")
     regions: list[Region]
     adapter_version: str | None
+    bank_version: str | None = Field(None, description="the patch-memory bank version that scored the frame "
+                                     "(`lines[].memory: stream`: score and thresholds in z units of normal frames); "
+                                     "null with the memory off")
     timings_ms: dict[str, float]
     content_type: str
     width: int
@@ -146,13 +149,28 @@ class ServeState:
     limits: GeometryLimits | None = None
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
     load_error: str | None = None
+    adapters: AdapterService | None = None
+    """Follows each line's promoted adapter in the Redis registry; None: the base model (`adapter_note` says why)."""
+    adapter_note: str | None = None
+    memory: MemoryService | None = None
+    """Follows the current bank of each `memory: stream` line (read only: never admits, builds nor locks)."""
+    memory_note: str | None = None
     stopping: bool = False
     server_id: str = field(default_factory=lambda: f"serve-{socket.gethostname()}-{os.getpid()}")
+
+    def close(self) -> None:
+        """Stop batching and following the registries (after the HTTP server stopped answering)."""
+        self.stopping = True
+        for part in (self.batcher, self.adapters, self.memory):
+            if part is not None:
+                part.stop()
 
     def attach(self, inspector: Inspector, *, max_batch: int, max_wait_ms: float) -> None:
         """Start scoring with `inspector` (every line's text features are prepared first)."""
         for line in self.settings.lines:
             inspector.prepare_line(line.id)
+        self.follow_registry(inspector)
+        self.follow_banks(inspector)
         self.limits = GeometryLimits.from_settings(self.settings.worker, inspector.model.image_size,
                                                    self.settings.model.resize)
         m = self.metrics
@@ -163,9 +181,68 @@ class ServeState:
 
         self.batcher = InspectionBatcher(inspector, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                          render_max_side=self.settings.worker.render_max_side,
-                                         on_batch=on_batch).start()
+                                         on_batch=on_batch,
+                                         adapter_for=self.adapters.adapter_for if self.adapters else None,
+                                         memory=self.memory).start()
         self.inspector = inspector
         m.ready.set(1)
+
+    def follow_registry(self, inspector: Inspector) -> None:
+        """Score each line with its promoted adapter from the Redis registry, as workers do in buffered TTA: the
+        workers' own `AdapterService` (following only, never training) loads the current version, swaps it in
+        when the registry's pointer moves and sets its thresholds (`LineThresholds.set_version`). Without
+        buffered TTA or a reachable Redis: the base model, the reason logged and shown by /readyz."""
+        s = self.settings
+        if s.tta.mode != "buffered":
+            self.adapter_note = (f"base model: tta.mode is {s.tta.mode}; registry adapters are served with "
+                                 "tta.mode buffered, as workers do")
+            log.info("serving the base model: %s", self.adapter_note.removeprefix("base model: "))
+            return
+        if self.publisher is not None:
+            client, keys = self.publisher.client, self.publisher.keys
+        else:
+            client, keys = make_redis(s.redis), RedisKeys(s.redis.prefix)
+        try:
+            client.ping()
+        except Exception as e:  # any Redis failure: serve the base model rather than nothing
+            reason = f"Redis at {redact_url(s.redis.url)} unreachable ({type(e).__name__}: {e})"
+            self.adapter_note = f"base model: {reason}"
+            log.warning("serving the base model, not the registry's adapters: %s", reason)
+            return
+        lines = [ln.id for ln in s.lines]
+        service = AdapterService(inspector, AdapterRegistry(client, keys), lines, self.server_id)
+        for line in lines:
+            with contextlib.suppress(*RETRYABLE):  # Redis gone meanwhile: the service's loop catches up
+                service.sync(line)
+        self.adapters = service.start(train=False)
+        log.info("following the adapter registry (prefix %s): %s", keys.prefix,
+                 ", ".join(f"{ln} {service.adapter_for(ln)[1] or 'base'}" for ln in lines))
+
+    def follow_banks(self, inspector: Inspector) -> None:
+        """Score each `memory: stream` line with its current patch-memory bank, as its workers do: the workers'
+        own `MemoryService` in follow-only mode loads the registry's current bank (`kind="banks"`), swaps in
+        promotions and rollbacks within `tta.trainer_poll_s` and judges with the version's thresholds
+        (`bank:<version>`). It never admits a request's frame, builds, publishes nor takes the bank lock. A line
+        without a bank (a cold start, a rollback to none, Redis unreachable) is answered 503 (`NoBankError`)."""
+        s = self.settings
+        lines = sorted(ln.id for ln in s.lines if ln.memory == "stream")
+        if not lines:
+            return
+        if self.publisher is not None:
+            client, keys = self.publisher.client, self.publisher.keys
+        else:
+            client, keys = make_redis(s.redis), RedisKeys(s.redis.prefix)
+        service = MemoryService(inspector, AdapterRegistry(client, keys, kind="banks"), lines, self.server_id,
+                                poll_s=s.tta.trainer_poll_s, follow_only=True)
+        try:
+            for line in lines:
+                service.sync(line)
+        except Exception as e:  # Redis down: the service's loop catches up; the lines answer 503 meanwhile
+            self.memory_note = f"Redis at {redact_url(s.redis.url)} unreachable ({type(e).__name__}: {e})"
+            log.warning("memory lines %s have no bank until Redis answers: %s", ", ".join(lines), self.memory_note)
+        self.memory = service.start()
+        log.info("following the bank registry (prefix %s): %s", keys.prefix,
+                 ", ".join(f"{ln} {service.following(ln) or 'no bank (503)'}" for ln in lines))
 
     def load_in_background(self, *, max_batch: int, max_wait_ms: float) -> threading.Thread:
         def load() -> None:
@@ -187,12 +264,27 @@ class ServeState:
             checks["load_error"] = self.load_error
         if self.publisher is not None:
             checks["redis_up"] = self.publisher.ping()
+        if self.adapters is not None:
+            checks["adapters"] = {ln: self.adapters.adapter_for(ln)[1] for ln in self.adapters.lines}
+        elif self.adapter_note is not None:
+            checks["adapters"] = self.adapter_note
+        if self.memory is not None:  # None: no bank yet, that line is answered 503
+            checks["banks"] = {ln: self.memory.following(ln) for ln in self.memory.lines}
+            if self.memory_note is not None and not any(checks["banks"].values()):
+                checks["banks_note"] = self.memory_note
         ok = checks["model_loaded"] and checks["batcher_alive"] and not self.stopping
         return ok, checks
 
 
 def _error(status: int, reason: str, stage: str) -> HTTPException:
     return HTTPException(status_code=status, detail={"error": reason, "stage": stage})
+
+
+def _no_bank(e: NoBankError) -> HTTPException:
+    """503 for a `memory: stream` line without a bank: serve has no window of the line's recent frames to score
+    it mutually as its workers do, and a zero-shot verdict would be on another scale than the stream's."""
+    return HTTPException(status_code=503, detail={"error": str(e), "stage": STAGE_MEMORY},
+                         headers={"Retry-After": str(NO_BANK_RETRY_S)})
 
 
 def _sniff(data: bytes) -> str | None:
@@ -222,15 +314,14 @@ def create_app(state: ServeState) -> FastAPI:
     app.state.serve = state
     m = state.metrics
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Any) -> Response:
-        if state.token is not None and request.url.path not in OPEN_PATHS:
-            presented = request.headers.get("authorization", "")
-            scheme, _, value = presented.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), state.token.encode()):
-                return JSONResponse({"error": "a valid access token is required (Authorization: Bearer TOKEN)",
-                                     "stage": "auth"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    def refuse(_request: Request, status: int, message: str, headers: dict[str, str]) -> Response:
+        return JSONResponse({"error": message, "stage": "auth"}, status_code=status,
+                            headers={"WWW-Authenticate": "Bearer", **headers})
+
+    # bearer tokens only: no cookies, no Host allow-list (API clients, not browsers), no guess limiting
+    policy = AccessPolicy(tokens={state.token: "client"} if state.token else {}, open_paths=frozenset(OPEN_PATHS),
+                          missing_message=AUTH_REQUIRED, wrong_message=AUTH_REQUIRED)
+    app.add_middleware(AccessGuard, policy=policy, refuse=refuse)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -297,6 +388,8 @@ def create_app(state: ServeState) -> FastAPI:
             settings.line(line)
         except UnknownLineError as e:
             raise _error(404, str(e), envelope.STAGE_LINE) from e
+        if state.memory is not None and state.memory.serves(line) and state.memory.following(line) is None:
+            raise _no_bank(NoBankError(line))
         h = request.headers
         frame_id = h.get("x-frame-id") or f"{line}.{uuid.uuid4().hex}"
         camera = h.get("x-camera-id") or "http"
@@ -325,19 +418,22 @@ def create_app(state: ServeState) -> FastAPI:
                 code = 415 if "content type" in str(e) else 422
                 raise _error(code, str(e), envelope.STAGE_DECODE) from e
             decode_ms = (time.perf_counter() - t_body) * 1e3
-            future = batcher.submit(line, image)
+            job = batcher.submit_job(line, image, frame_id=frame_id)
             submitted = True
         finally:
             if not submitted:
                 batcher.withdraw()
         try:
-            insp: Inspection = await asyncio.wrap_future(future)
+            insp: Inspection = await asyncio.wrap_future(job.future)
+        except NoBankError as e:  # the line's bank was rolled back to none meanwhile
+            raise _no_bank(e) from e
         except Exception as e:
             raise _error(500, f"inspection failed: {type(e).__name__}: {e}", envelope.STAGE_INSPECT) from e
         insp.timings["decode"] = decode_ms
         meta = envelope.FrameMeta(frame_id, line, camera, capture_ts, ctype or "", envelope.SCHEMA_VERSION)
         result = FrameResult.from_inspection(insp, meta, width=int(image.shape[1]), height=int(image.shape[0]),
-                                             partition=None, offset=None, worker=state.server_id)
+                                             partition=None, offset=None, worker=state.server_id,
+                                             bank_version=job.bank_version)
         m.scores.labels(line).observe(insp.score)
         if insp.verdict:
             m.alerts.labels(line).inc()
@@ -417,7 +513,5 @@ def serve(settings: Settings, *, host: str = DEFAULT_HOST, port: int = DEFAULT_P
     try:
         server.run()
     finally:
-        state.stopping = True
-        if state.batcher is not None:
-            state.batcher.stop()
+        state.close()
     return 0

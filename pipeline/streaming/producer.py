@@ -71,9 +71,11 @@ class FrameProducer:
 
     def send(self, line: str, frame: SourceFrame, *, camera: str = "cam-1", frame_id: str | None = None,
              capture_ts_ns: int | None = None) -> str:
+        """Queue one frame. Its envelope's capture time: `capture_ts_ns` if given, else when a live source grabbed
+        it (`frame.capture_ts_ns`: a frame that waited for the broker keeps its age), else the send time."""
         fid = frame_id or new_frame_id(line)
-        headers = build_headers(fid, line, camera, capture_ts_ns or time.time_ns(), frame.content_type,
-                                extra=frame.extra_headers)
+        ts = (capture_ts_ns if capture_ts_ns is not None else frame.capture_ts_ns) or time.time_ns()
+        headers = build_headers(fid, line, camera, ts, frame.content_type, extra=frame.extra_headers)
         self._send(record_key(self.settings.kafka.partition_key, fid, line, camera), frame.data, headers, 1)
         self.stats.sent += 1
         self.stats.frame_ids.append(fid)

@@ -56,6 +56,9 @@ class FrameResult:
     defect_area: int = 0
     regions: list[dict[str, Any]] = field(default_factory=list)
     adapter_version: str | None = None
+    bank_version: str | None = None
+    """The memory bank version that scored the frame (`lines[].memory: stream`); None with the memory off or
+    before the line has a bank (cold start)."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     camera: str = ""
     content_type: str = ""
@@ -74,7 +77,7 @@ class FrameResult:
 
     @classmethod
     def from_inspection(cls, insp: Inspection, meta: FrameMeta, *, width: int, height: int, partition: int,
-                        offset: int, worker: str) -> FrameResult:
+                        offset: int, worker: str, bank_version: str | None = None) -> FrameResult:
         """The worker's record of a frame it scored. A mask rendered smaller than the frame (`worker.
         render_max_side`) has its regions and defect area scaled back to frame pixels."""
         mh, mw = insp.mask.shape[:2]
@@ -85,7 +88,7 @@ class FrameResult:
             pixel_threshold=round(insp.pixel_threshold, 6), threshold_source=insp.threshold_source,
             max_pixel_score=round(insp.max_pixel_score, 6), defect_area=round(int(insp.mask.sum()) * sx * sy),
             regions=[_to_frame_pixels(r.to_dict(), sx, sy, width, height) for r in insp.regions],
-            adapter_version=insp.adapter_version,
+            adapter_version=insp.adapter_version, bank_version=bank_version,
             timings_ms={k: round(v, 3) for k, v in insp.timings.items()}, camera=meta.camera,
             content_type=meta.content_type, width=width, height=height, partition=partition, offset=offset,
             worker=worker, synthetic_defect=meta.synthetic_defect,
@@ -98,7 +101,8 @@ class FrameResult:
             "line": self.line, "score": self.score, "verdict": self.verdict, "threshold": self.threshold,
             "pixel_threshold": self.pixel_threshold, "threshold_source": self.threshold_source,
             "max_pixel_score": self.max_pixel_score, "defect_area": self.defect_area, "regions": self.regions,
-            "adapter_version": self.adapter_version, "timings_ms": self.timings_ms, "frame_id": self.frame_id,
+            "adapter_version": self.adapter_version, "bank_version": self.bank_version,
+            "timings_ms": self.timings_ms, "frame_id": self.frame_id,
             "camera": self.camera, "content_type": self.content_type, "width": self.width, "height": self.height,
             "partition": self.partition, "offset": self.offset, "worker": self.worker,
             "capture_ts": self.capture_ts_ns, "published_ts": self.published_ts_ns,
@@ -136,7 +140,8 @@ class FrameResult:
         latency = (self.published_ts_ns - self.capture_ts_ns) / 1e6 if self.published_ts_ns else None
         return {
             **self._common(), "pixel_threshold": self.pixel_threshold, "threshold_source": self.threshold_source,
-            "adapter_version": self.adapter_version, "defect_area": self.defect_area,
+            "adapter_version": self.adapter_version, "bank_version": self.bank_version,
+            "defect_area": self.defect_area,
             "latency_ms": None if latency is None else round(latency, 3), "timings_ms": self.timings_ms,
             "partition": "" if self.partition is None else self.partition,
             "offset": "" if self.offset is None else self.offset, "worker": self.worker,

@@ -13,11 +13,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,30 +257,56 @@ class Pipeline:
 
     def dlq_records(self) -> list[Any]:
         """Every record on the DLQ topic, read directly (no group)."""
-        s = self.settings
-        cfg = {**consumer_config(s.kafka), "group_id": None}
-        c = KafkaConsumer(**cfg)
-        try:
-            tps = [TopicPartition(s.kafka.dlq_topic, p) for p in range(s.kafka.partitions)]
-            c.assign(tps)
-            c.seek_to_beginning(*tps)
-            out: list[Any] = []
-            idle = 0
-            while idle < 3:
-                got = c.poll(timeout_ms=300)
-                n = sum(len(v) for v in got.values())
-                idle = idle + 1 if n == 0 else 0
-                for recs in got.values():
-                    out.extend(recs)
-            return out
-        finally:
-            c.close()
+        return read_topic(self.settings, self.settings.kafka.dlq_topic)
 
     def stop_all(self) -> None:
         for w in self.workers:
             if w.alive():
                 w.proc.send_signal(signal.SIGKILL)
                 w.proc.wait(timeout=10)
+
+
+def read_topic(settings: Settings, topic: str | None = None) -> list[Any]:
+    """Every record on a topic (default: the frames topic), read directly from the start without a group."""
+    ks = settings.kafka
+    c = KafkaConsumer(**{**consumer_config(ks), "group_id": None})
+    try:
+        tps = [TopicPartition(topic or ks.frames_topic, p) for p in range(ks.partitions)]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        out: list[Any] = []
+        idle = 0
+        while idle < 3:
+            got = c.poll(timeout_ms=300)
+            idle = 0 if got else idle + 1
+            for recs in got.values():
+                out.extend(recs)
+        return out
+    finally:
+        c.close()
+
+
+@contextmanager
+def serving(settings: Settings, inspector: Any) -> Iterator[tuple[Any, int]]:
+    """The app of `anoclip serve` over `inspector`, on a free loopback port, in this process: (state, port)."""
+    import uvicorn
+
+    from pipeline.serving.app import ServeState, create_app
+
+    state = ServeState(settings)
+    state.attach(inspector, max_batch=4, max_wait_ms=0)
+    port = stack.free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: server.started, 30, "the serve app to listen")
+        yield state, port
+    finally:
+        server.should_exit = True
+        t.join(10)
+        state.close()
 
 
 def make_pipeline_config(broker: Broker, redis_url: str, text_cache: Path, **worker: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, text_cache_dir: Path) -> tup
         Image.fromarray((110 + rng.integers(0, 30, (64, 64, 3))).astype(np.uint8)).save(d / f"f{i:02d}.png")
     (d / "corrupt.png").write_bytes((d / "f00.png").read_bytes()[:100])
     cfg = {
-        "model": {"arch": "anoclip-tiny", "pretrained": "none", "device": "cpu",
+        "model": {"arch": "anoclip-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32",
                   "text_cache_dir": str(text_cache_dir), "batch_size": 4},
         "lines": [{"id": "bottle", "class_name": "bottle"},
                   {"id": "pcb1", "class_name": "pcb1", "adapter_kind": "linear"}],

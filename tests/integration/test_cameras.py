@@ -16,39 +16,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kafka import KafkaConsumer, TopicPartition
 
 from pipeline import stack
 from pipeline.inspection.imaging import decode_image
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import load_settings
 from pipeline.streaming import envelope as env
 from pipeline.streaming.frame_sources import LiveSource
-from pipeline.streaming.kafka_io import consumer_config
 from pipeline.streaming.producer import produce
-from tests.integration.conftest import Broker, RedisServer, make_pipeline_config, wait_for
+from tests.integration.conftest import Broker, RedisServer, make_pipeline_config, read_topic, wait_for
 
 pytestmark = pytest.mark.integration
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-def _records(settings: Settings) -> list:
-    ks = settings.kafka
-    c = KafkaConsumer(**{**consumer_config(ks), "group_id": None})
-    try:
-        tps = [TopicPartition(ks.frames_topic, p) for p in range(ks.partitions)]
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        out, idle = [], 0
-        while idle < 3:
-            got = c.poll(timeout_ms=300)
-            idle = 0 if got else idle + 1
-            for recs in got.values():
-                out.extend(recs)
-        return out
-    finally:
-        c.close()
 
 
 class RtspServer:
@@ -116,7 +96,7 @@ def test_rtsp_camera_survives_a_server_restart(tmp_path: Path, broker: Broker, r
     assert src.stats.reconnects >= 1 and src.stats.failures >= 1, src.stats.summary()
     assert src.stats.captured >= 40 and src.stats.sent == 40
 
-    records = _records(settings)
+    records = read_topic(settings)
     assert len(records) == 40
     metas = [env.parse_meta(r.headers) for r in records]
     assert {m.camera for m in metas} == {"line1-top"} and {m.content_type for m in metas} == {"image/jpeg"}
@@ -145,7 +125,7 @@ def test_produce_cli_reads_an_http_mjpeg_stream(tmp_path: Path, broker: Broker, 
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"sent 6 frames from camera 127.0.0.1:{port}/cam.mjpg" in r.stdout and "6 acknowledged" in r.stdout
     assert "captured" in r.stdout and "dropped" in r.stdout
-    records = _records(load_settings(cfg))
+    records = read_topic(load_settings(cfg))
     assert len(records) == 6
     assert decode_image(records[0].value).shape == (64, 96, 3)
 

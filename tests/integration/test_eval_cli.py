@@ -28,6 +28,7 @@ def _config(tmp_path: Path, text_cache_dir: Path) -> Path:
             "arch": "anoclip-tiny",
             "pretrained": "none",
             "device": "cpu",
+            "precision": "fp32",  # `auto` picks bf16 on CPUs with native bf16: figures would depend on the CPU
             "text_cache_dir": str(text_cache_dir),
             "batch_size": 4,
         },

@@ -5,6 +5,7 @@ audit trail (newest first), refresh requests and their outcomes, and the trainer
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -172,3 +173,81 @@ def test_details_an_operator_reads_back(reg: AdapterRegistry, monkeypatch: pytes
 
     monkeypatch.setattr("getpass.getuser", no_passwd)
     assert default_actor().startswith("unknown@")
+
+
+def test_adapter_and_bank_registries_of_one_prefix_never_share_a_key(redis_server: RedisServer) -> None:
+    """Added after mutation testing: every operation of a `banks` registry reads and writes its own keys, so
+    the adapters of a line and its patch-memory banks are versioned, paused and audited independently."""
+    keys = RedisKeys(f"kinds{uuid.uuid4().hex[:8]}")
+    adapters = AdapterRegistry(redis_server.client(), keys)
+    banks = AdapterRegistry(redis_server.client(), keys, kind="banks")
+    assert adapters.publish(LINE, b"A", {}, actor="w", reason="a", base_version=None).version == "v1"
+    assert banks.publish(LINE, b"B1", {"n": 1}, actor="w", reason="b", base_version=None).version == "v1"
+    assert banks.publish(LINE, b"B2", {}, actor="w", reason="b", base_version="v1").version == "v2"
+    assert (adapters.current(LINE), banks.current(LINE)) == ("v1", "v2")
+    assert (adapters.versions(LINE), banks.versions(LINE)) == (["v1"], ["v1", "v2"])
+    assert (adapters.tensors(LINE, "v1"), banks.tensors(LINE, "v1")) == (b"A", b"B1")
+    assert banks.meta(LINE, "v1")["n"] == 1 and "n" not in adapters.meta(LINE, "v1")
+    with pytest.raises(KeyError, match="no adapter version 'v2'"):
+        adapters.tensors(LINE, "v2")
+    with pytest.raises(KeyError, match="no bank version 'v3'"):
+        banks.meta(LINE, "v3")
+    assert banks.rollback(LINE, actor="op") == "v1" and adapters.current(LINE) == "v1"
+    assert [e["action"] for e in adapters.audit(LINE)] == ["promote"]
+    assert [e["action"] for e in banks.audit(LINE)] == ["rollback", "promote", "promote"]
+    banks.pause(LINE, actor="op")
+    assert banks.is_paused(LINE) and not adapters.is_paused(LINE)
+    assert adapters.publish(LINE, b"A2", {}, actor="w", reason="a", base_version="v1").promoted, "adapters not paused"
+    adapters.pause(LINE, actor="op")
+    banks.resume(LINE, actor="op")
+    assert adapters.is_paused(LINE) and not banks.is_paused(LINE)
+    rid = banks.request_refresh(LINE, actor="op")
+    assert adapters.refresh_requests(LINE) == [] and adapters.last_request_id(LINE) == "0-0"
+    assert [f["request_id"] for _, f in banks.refresh_requests(LINE)] == [rid]
+    assert banks.last_request_id(LINE) == banks.refresh_requests(LINE)[0][0]
+    stored = {k.decode() for k in redis_server.client().scan_iter(f"{keys.prefix}:*")}
+    assert stored and all(k.startswith((f"{keys.prefix}:adapters:{LINE}:", f"{keys.prefix}:banks:{LINE}:"))
+                          for k in stored), stored
+
+
+def test_each_line_numbers_its_own_versions(reg: AdapterRegistry) -> None:
+    assert _publish(reg, None) == "v1"
+    assert reg.publish("other", b"T", {}, actor="w", reason="r", base_version=None).version == "v1"
+    assert _publish(reg, "v1") == "v2" and reg.versions("other") == ["v1"]
+
+
+def test_a_current_pointer_to_an_unknown_version_rolls_back_to_the_newest(reg: AdapterRegistry) -> None:
+    """A pointer naming no stored version (e.g. one removed by hand) steps back to the newest stored one."""
+    for base in (None, "v1"):
+        _publish(reg, base)
+    reg.client.set(reg.keys.adapter_current(LINE), "v9")
+    assert reg.rollback(LINE, actor="op") == "v2" and reg.current(LINE) == "v2"
+
+
+def test_the_request_and_audit_streams_are_capped(reg: AdapterRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Added after mutation testing: months of requests and rollbacks stay bounded in Redis (trimmed
+    approximately, i.e. by whole stream nodes of 100 entries)."""
+    pipe = reg.client.pipeline(transaction=False)
+    for _ in range(1300):
+        pipe.xadd(reg.keys.adapter_refresh_requests(LINE), {"request_id": "x"})
+    pipe.execute()
+    reg.request_refresh(LINE, actor="op")
+    assert 1000 <= reg.client.xlen(reg.keys.adapter_refresh_requests(LINE)) < 1200
+    monkeypatch.setattr("pipeline.adaptation.registry.AUDIT_MAXLEN", 5)
+    for base in (None, "v1"):
+        _publish(reg, base)
+    for i in range(300):
+        reg.rollback(LINE, "v1" if i % 2 else "v2", actor="op")
+    assert reg.client.xlen(reg.keys.adapter_audit(LINE)) < 250
+
+
+def test_waiting_for_an_outcome_polls_every_fifth_of_a_second(reg: AdapterRegistry) -> None:
+    rid = reg.request_refresh(LINE, actor="op")
+    timer = threading.Timer(0.3, lambda: reg.record(LINE, "refuse", actor="w", reason="no", request_id=rid))
+    timer.start()
+    t0 = time.monotonic()
+    answer = reg.wait_outcome(LINE, rid, timeout_s=5)
+    waited = time.monotonic() - t0
+    timer.join()
+    assert answer is not None and answer["reason"] == "no"
+    assert 0.3 <= waited < 0.9, waited

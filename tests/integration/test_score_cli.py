@@ -27,7 +27,7 @@ def images(tmp_path: Path) -> Path:
 
 def _config(tmp_path: Path) -> Path:
     cfg = {
-        "model": {"arch": "anoclip-tiny", "pretrained": "none", "device": "cpu",
+        "model": {"arch": "anoclip-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32",
                   "text_cache_dir": str(tmp_path / "tc"), "batch_size": 2},
         "lines": [{"id": "bottle", "class_name": "bottle"}],
     }

@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import redis
 import yaml
-from kafka import KafkaConsumer, TopicPartition
 
 from pipeline import stack
 from pipeline.settings import load_settings
 from pipeline.streaming import envelope as env
 from pipeline.streaming.frame_sources import encode
-from pipeline.streaming.kafka_io import consumer_config
-from tests.integration.conftest import REPO, TANSU_CACHE, Broker, RedisServer, make_pipeline_config
+from tests.integration.conftest import REPO, TANSU_CACHE, Broker, RedisServer, make_pipeline_config, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -86,24 +84,6 @@ def test_tampered_broker_binary_is_replaced(tmp_path: Path, broker: Broker) -> N
     assert stack.sha256_file(binary) == stack.TANSU_BINARY_SHA256 == stack.sha256_file(good)
 
 
-def _read_topic(settings: object) -> list:
-    ks = settings.kafka  # type: ignore[attr-defined]
-    c = KafkaConsumer(**{**consumer_config(ks), "group_id": None})
-    try:
-        tps = [TopicPartition(ks.frames_topic, p) for p in range(ks.partitions)]
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        out, idle = [], 0
-        while idle < 3:
-            got = c.poll(timeout_ms=300)
-            idle = 0 if got else idle + 1
-            for recs in got.values():
-                out.extend(recs)
-        return out
-    finally:
-        c.close()
-
-
 def test_produce_folder_and_synthetic(tmp_path: Path, broker: Broker, redis_server: RedisServer,
                                       text_cache_dir: Path) -> None:
     cfg = make_pipeline_config(broker, redis_server.url, text_cache_dir)
@@ -125,7 +105,7 @@ def test_produce_folder_and_synthetic(tmp_path: Path, broker: Broker, redis_serv
                 "--fps", "50", "--size", "32", "--defect-rate", "1")
     assert r.returncode == 0, r.stderr
 
-    records = _read_topic(load_settings(path))
+    records = read_topic(load_settings(path))
     assert len(records) == 7
     for rec in records:
         meta = env.parse_meta(rec.headers)

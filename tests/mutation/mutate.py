@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/mutation/mutate.py offsets envelope      # some modules
     .venv/bin/python tests/mutation/mutate.py --all --minutes 8     # every module, at most 8 minutes each
+    .venv/bin/python tests/mutation/mutate.py metrics --only 'pipeline.evaluation.metrics.x_f1_max*'   # one function
 
 For each module the working tree is copied to a temporary folder (the tree itself is never touched), a
 `[tool.mutmut]` section naming the module and the tests that claim it is added to the copy's
@@ -52,7 +53,8 @@ MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
                       ["tests/unit/test_adapter_files.py", "tests/unit/test_claims_adapter_files.py",
                        "tests/unit/test_claims_gate.py"], []),
     "registry": (["pipeline/adaptation/registry.py"],
-                 ["tests/integration/test_registry_claims.py", "tests/integration/test_adapter_claims.py"], []),
+                 ["tests/integration/test_registry_claims.py", "tests/integration/test_registry_races.py",
+                  "tests/integration/test_adapter_claims.py"], []),
 }
 
 
@@ -77,12 +79,12 @@ def prepare(module: str, root: Path) -> Path:
     return copy
 
 
-def run(module: str, root: Path, minutes: float, children: int) -> dict[str, object]:
+def run(module: str, root: Path, minutes: float, children: int, only: list[str] | None = None) -> dict[str, object]:
     copy = prepare(module, root)
     env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation", "OMP_NUM_THREADS": "1",
            "ANOCLIP_TANSU_CACHE": str(REPO / ".kafka"), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     t0 = time.monotonic()
-    scope = MODULES[module][2]
+    scope = only or MODULES[module][2]
     proc = subprocess.Popen([str(VENV_BIN / "mutmut"), "run", "--max-children", str(children), *scope], cwd=copy,
                             env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -126,6 +128,10 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="time limit per module")
     parser.add_argument("--children", type=int, default=2, help="mutants tested in parallel")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--only", action="append", metavar="GLOB",
+                        help="only mutants whose name matches (repeatable), e.g. "
+                             "'pipeline.evaluation.metrics.x_f1_max*' to re-check one function's survivors; "
+                             "the score then covers those mutants only")
     args = parser.parse_args()
     modules = list(MODULES) if args.all else args.modules
     if not modules or set(modules) - set(MODULES):
@@ -133,7 +139,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="anoclip-mutation-"))
     results = []
     for m in modules:
-        r = run(m, root, args.minutes, args.children)
+        r = run(m, root, args.minutes, args.children, args.only)
         results.append(r)
         partial = " (time limit hit: partial)" if r["timed_out"] else ""
         print(f"{m}: {r['killed']}/{r['judged']} killed = {r['score']}{partial} in {r['minutes']} min; {r['counts']}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,30 @@ def test_training_block_mirrors_the_report(text) -> None:
     assert (TrainingMeta.from_report(empty).loss_first, TrainingMeta.from_report(empty).loss_last) == (None, None)
     assert target_dict(TARGET) == {"arch": "anoclip-tiny", "weights_id": "w-1", "embed_dim": C, "prompt_hash": "p-1",
                                    "line": "bottle", "kind": "text", "precision": "fp32"}
+
+
+def test_the_temp_file_is_renamed_within_the_target_folder(adapter, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Added after mutation testing: the rename is atomic only within one file system, so the temp file is
+    made next to the target (a temp file in /tmp would fail, or copy, across mounts), named `*.tmp` so a
+    crash leaves a file an operator recognises; and when the rename fails, its error is the one raised."""
+    renamed: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+
+    def spy(src: str, dst: str) -> None:
+        renamed.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    path = save_adapter(tmp_path / "sub" / "a.safetensors", adapter, build_meta(adapter, TARGET))
+    (src, dst), = renamed
+    assert dst == path and src.parent == path.parent and src.name.endswith(".tmp") and src != path
+
+    def vanish_then_fail(src: str, dst: str) -> None:
+        Path(src).unlink()  # e.g. removed by a cleaner between the write and the rename
+        raise OSError("rename failed: disk gone")
+
+    monkeypatch.setattr(os, "replace", vanish_then_fail)
+    with pytest.raises(OSError, match="disk gone"):
+        save_adapter(tmp_path / "sub" / "b.safetensors", adapter, build_meta(adapter, TARGET))
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.safetensors"]

@@ -49,3 +49,30 @@ def test_dlq_reason_is_bytes_of_at_most_4096_whatever_the_text() -> None:
     hs = dict(env.dlq_headers([("k", None), ("j", b"v")], "\ud800 bad \u00e9" + "x" * 5000, "decode", "t", 1, 2))
     assert hs["k"] == b"" and hs["j"] == b"v", "a header without value is re-sent empty"
     assert hs[env.H_ERROR].startswith(b"? bad \xc3\xa9x") and len(hs[env.H_ERROR]) == 4096
+
+
+def test_a_synthetic_defect_header_of_any_bytes_is_read_never_raised() -> None:
+    """Added after mutation testing: the optional ground-truth header is decoded with replacement, so bytes
+    that are not UTF-8 still give a frame (the envelope's rule: a frame or a named error, never a crash)."""
+    meta = env.parse_meta([*_headers(), (env.H_SYNTHETIC_DEFECT, b"scratch\xff\xfe")])
+    assert meta.synthetic_defect == "scratch\ufffd\ufffd"
+    assert env.parse_meta(_headers()).synthetic_defect is None
+
+
+def test_capture_ts_limits_and_messages() -> None:
+    """Added after mutation testing: nanoseconds up to 10**19 (year 2286) inclusive, one more is refused; a
+    non-number is shown by its first 40 characters; an unknown schema names the supported ones."""
+    assert env.parse_meta(_headers(capture_ts=str(10**19).encode())).capture_ts_ns == 10**19
+    assert env.parse_meta(_headers(capture_ts=str(10**18).encode())).capture_ts_ns == 10**18
+    for bad in (10**19 + 1, 10**18 - 1):
+        with pytest.raises(EnvelopeError) as e:
+            env.parse_meta(_headers(capture_ts=str(bad).encode()))
+        assert e.value.reason == f"malformed header 'capture-ts': {bad} is not nanoseconds since the epoch"
+    text = "t" * 39 + "uv" + "w" * 100
+    with pytest.raises(EnvelopeError) as e:
+        env.parse_meta(_headers(capture_ts=text.encode()))
+    assert e.value.reason == f"malformed header 'capture-ts': {text[:40]!r} is not nanoseconds since the epoch"
+    with pytest.raises(EnvelopeError) as e:
+        env.parse_meta(_headers(schema=b"2"))
+    assert (e.value.reason, e.value.stage) == (
+        f"unsupported schema version '2' (supported: {env.SCHEMA_VERSION})", env.STAGE_HEADERS)

@@ -4,6 +4,7 @@ bin alone larger than the memory budget, the table row of a class, and the undef
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from pipeline.evaluation.metrics import (
     METRIC_KEYS,
     PixelAccumulator,
+    PixelMetrics,
     class_row,
     f1_max,
     image_metrics,
@@ -67,3 +69,44 @@ def test_undefined_cases_are_nan_and_bad_input_is_named() -> None:
         image_metrics([0, 1], [0.1, float("inf")])
     means, counts = mean_over_classes({"a": {"x": float("nan"), "y": 0.5}, "b": {"x": float("nan"), "y": 1.0}})
     assert math.isnan(means["x"]) and counts == {"x": 0, "y": 2} and means["y"] == 0.75
+
+
+def test_a_bin_larger_than_the_budget_keeps_its_scores_for_aupro_and_the_roc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Added after mutation testing: the exact-bin path must return the scores themselves (AUPRO's thresholds
+    compare them), and count a bin spread over several reads of the spill file."""
+    rng = np.random.default_rng(1)
+    maps = [(0.5 + 0.0039 * rng.random((16, 16))).astype(np.float32) for _ in range(3)]
+    masks = [np.zeros((16, 16), bool) for _ in range(3)]
+    for m, g in zip(maps, masks, strict=True):
+        g[4:9, 3:10] = True
+        m[g] += np.float32(0.0015)
+
+    def run(budget: int) -> PixelMetrics:
+        with PixelAccumulator(memory_budget=budget) as acc:
+            for m, g in zip(maps, masks, strict=True):
+                acc.add(m, g)
+            assert acc.spilled == (budget < 3 * 256)
+            return acc.result()
+
+    in_memory = run(10**9)
+    monkeypatch.setattr("pipeline.evaluation.metrics._READ_CHUNK", 97)  # the spill file read in many pieces
+    spilled = run(40)  # the single 16-bit bin (768 scores) is far above the budget: counted exactly
+    for name in ("auroc", "ap", "f1_max", "aupro", "aupro_unrescaled"):
+        assert getattr(spilled, name) == pytest.approx(getattr(in_memory, name), abs=1e-12), name
+    assert np.array_equal(spilled.pro_fpr, in_memory.pro_fpr)
+    assert np.array_equal(spilled.roc_fpr, in_memory.roc_fpr) and np.array_equal(spilled.roc_tpr, in_memory.roc_tpr)
+    assert (spilled.n_pixels_anomalous, spilled.n_pixels_normal) == (3 * 35, 3 * (256 - 35))
+    assert 0 < spilled.pro_fpr[100] < 1, "AUPRO's thresholds fall inside the bin: the scores matter, not only order"
+
+
+def test_any_nonzero_label_is_anomalous_and_empty_means_warn_nothing() -> None:
+    """Added after mutation testing: labels are truthiness (0/255 masks, counts), and a metric no class
+    defines averages to NaN without numpy's 'mean of empty slice' warning."""
+    ref = image_metrics([0, 1, 0, 1, 0], [0.2, 0.9, 0.4, 0.3, 0.1])
+    odd = image_metrics([0, 255, 0, 7, 0], [0.2, 0.9, 0.4, 0.3, 0.1])
+    assert (odd.auroc, odd.ap, odd.pr_auc, odd.f1_max, odd.n_anomalous) == (
+        ref.auroc, ref.ap, ref.pr_auc, ref.f1_max, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        means, counts = mean_over_classes({"a": {"x": float("nan")}, "b": {"x": float("inf")}})
+    assert math.isnan(means["x"]) and counts == {"x": 0}

@@ -7,19 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import build_prompt_set, create_anoclip
-from pipeline.settings import ModelSettings
-
-
-@pytest.fixture(scope="module")
-def model():
-    return create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu", precision="fp32"))
-
-
-@pytest.fixture(scope="module")
-def text(model):
-    return model.encode_prompts(build_prompt_set("bottle"))
-
 
 def test_maps_go_through_the_adapter_and_image_scores_do_not(model, text) -> None:
     w = torch.randn(model.embed_dim, model.embed_dim, generator=torch.Generator().manual_seed(1))

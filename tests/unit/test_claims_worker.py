@@ -277,6 +277,19 @@ def _housekeeping(text_cache_dir: Path, state: dict[str, dict[str, str]],
     return hk, insp, telemetry, pub
 
 
+def test_housekeeping_publishes_the_served_versions_thresholds(text_cache_dir: Path) -> None:
+    hk, insp, telemetry, pub = _housekeeping(text_cache_dir, {})
+    insp.thresholds("pcb1").set_version("v2", {"pixel": 0.42, "pixel_median": 0.4})
+    hk.once()
+    h = pub.hashes["pcb1"]
+    assert (h["version"], h["version_pixel"], h["pixel"], h["source"]) == ("v2", "0.42", "0.42", "version")
+    assert h["image_source"] == "default"
+    assert telemetry.threshold.labels("pcb1", "default")._value.get() == 0.5  # the image threshold's source
+    pub.hashes["pcb1"]["manual_pixel"] = "0.77"
+    hk.once()
+    assert pub.hashes["pcb1"]["pixel"] == "0.77" and pub.hashes["pcb1"]["source"] == "manual"
+
+
 def _calibrated_state(hk: Housekeeping, **over: str) -> dict[str, str]:
     d = {"image": "0.61", "pixel": "0.7", "source": "calibrated", "calibrated_image": "0.61",
          "calibrated_pixel": "0.7", "pixel_median": "0.4", "calibration_frames": "4",
@@ -323,8 +336,35 @@ def test_an_unreadable_or_late_calibration_is_ignored(text_cache_dir: Path) -> N
     hk.once()
     assert insp.thresholds("pcb1").calibration is None, "garbage is not resumed"
     assert pub.hashes["pcb1"]["source"] == "default" and pub.heartbeats == 1, "...and the cycle goes on"
-    hk2, insp2, _, pub2 = _housekeeping(text_cache_dir, {})
-    hk2.once()  # first read: nothing in Redis
-    pub2.hashes["pcb1"] = _calibrated_state(hk2)
-    hk2.once()  # a calibration appearing later is another worker's: resumed only on the first read
-    assert insp2.thresholds("pcb1").calibration is None
+    pub.hashes["pcb1"] = _calibrated_state(hk, pixel_median="x")
+    hk.once()
+    assert insp.thresholds("pcb1").calibration is None, "a calibration that does not parse whole is not resumed"
+
+
+def test_workers_sharing_a_line_converge_on_one_calibration(text_cache_dir: Path) -> None:
+    """One line over two workers (frames keyed by frame id) is judged by one threshold, whoever calibrated it."""
+    state: dict[str, dict[str, str]] = {}
+    ha, ia, _, pub = _housekeeping(text_cache_dir, state)
+    hb, ib, _, _ = _housekeeping(text_cache_dir, state)  # the same Redis hash
+    ha.once(), hb.once()  # both calibrating: nothing to adopt yet
+    assert ia.thresholds("pcb1").calibrating and ib.thresholds("pcb1").calibrating
+    rng = np.random.default_rng(0)
+    for score in (0.1, 0.2, 0.3, 0.4):  # A saw four frames first
+        ia.thresholds("pcb1").observe(score, rng.random((8, 8)) * 0.1)
+    ha.once()
+    a_image = ia.thresholds("pcb1").image
+    assert float(pub.hashes["pcb1"]["calibrated_image"]) == pytest.approx(a_image)
+    hb.once()  # B, still warming up, adopts the line's calibration instead of making its own
+    assert not ib.thresholds("pcb1").calibrating and ib.thresholds("pcb1").image == pytest.approx(a_image)
+
+    ib.thresholds("pcb1").calibration = None  # B finishing its own warm-up after A published gives it up
+    for score in (0.7, 0.8, 0.9, 0.95):
+        ib.thresholds("pcb1").observe(score, rng.random((8, 8)))
+    assert ib.thresholds("pcb1").image != pytest.approx(a_image)
+    hb.once()
+    assert ib.thresholds("pcb1").image == pytest.approx(a_image)
+    assert float(pub.hashes["pcb1"]["calibrated_image"]) == pytest.approx(a_image)
+
+    pub.hashes["pcb1"]["calibrated_image"] = "0.6"  # two finished in one heartbeat: the last write wins...
+    ha.once(), hb.once()  # ...and the other adopts it on its next heartbeat
+    assert ia.thresholds("pcb1").image == ib.thresholds("pcb1").image == pytest.approx(0.6)

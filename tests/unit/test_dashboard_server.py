@@ -8,6 +8,7 @@ import queue
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +30,24 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+# Headers as the client sees them: names are case-insensitive (the server sends them in lower case).
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Message, bytes]:
     opener = urllib.request.build_opener(_NoRedirect)
     try:
         with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def post(url: str, body: bytes, headers: dict[str, str] | None = None,
-         ctype: str = "application/json") -> tuple[int, dict[str, str], bytes]:
+         ctype: str = "application/json") -> tuple[int, Message, bytes]:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype, **(headers or {})}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 @pytest.fixture
@@ -246,3 +248,48 @@ def test_region_descriptions_and_verdict_notes_read_like_sentences() -> None:
     assert "suspicious only" in verdict_note(False, 120, 100, 100) and "1.2% of the frame" in verdict_note(False, 120,
                                                                                                           100, 100)
     assert "no location" in verdict_note(True, 0) and verdict_note(True, 5) == verdict_note(False, 0) == ""
+
+
+def test_event_stream_wire_format_keepalive_close_and_disconnect(settings: Settings) -> None:
+    """The SSE feed: `retry` and `hello` first, events as they are broadcast, keepalive comments when idle, the
+    stream ends on CLOSE; HEAD and a browser going away leave no subscriber behind."""
+    import http.client
+    import time
+
+    with DashboardServer(settings, port=0, tick_s=60, keepalive_s=0.3).start() as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.address[1], timeout=5)
+        conn.request("HEAD", "/events")
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == b"" and srv.live.subscribers == 0
+
+        def read_until(resp: http.client.HTTPResponse, marker: bytes) -> bytes:
+            got = b""
+            deadline = time.monotonic() + 5
+            while marker not in got and time.monotonic() < deadline:
+                got += resp.read1(4096)
+            return got
+
+        conn = http.client.HTTPConnection("127.0.0.1", srv.address[1], timeout=5)
+        conn.request("GET", "/events")
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream")
+        assert r.getheader("X-Frame-Options") == "DENY" and r.getheader("Cache-Control") == "no-store"
+        first = read_until(r, b"event: hello\n")
+        assert first.startswith(b"retry: 1500\n\nevent: hello\ndata: {")
+        wait = time.monotonic() + 5
+        while srv.live.subscribers != 1 and time.monotonic() < wait:
+            time.sleep(0.01)
+        srv.live.broadcast("result", {"i": 1})
+        assert b'event: result\ndata: {"i":1}\n\n' in read_until(r, b'{"i":1}')
+        assert b": keepalive\n\n" in read_until(r, b"keepalive")
+        assert srv.live.drop_clients() == 1
+        assert r.read() is not None and r.isclosed(), "CLOSE ends the response"
+
+        conn = http.client.HTTPConnection("127.0.0.1", srv.address[1], timeout=5)
+        conn.request("GET", "/events")
+        read_until(conn.getresponse(), b"event: hello\n")
+        conn.close()  # the browser goes away
+        wait = time.monotonic() + 5
+        while srv.live.subscribers and time.monotonic() < wait:
+            time.sleep(0.05)
+        assert srv.live.subscribers == 0

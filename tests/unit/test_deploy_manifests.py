@@ -31,6 +31,7 @@ from pipeline.settings import CONFIG_ENV, Settings, load_settings
 from pipeline.streaming.kafka_io import client_config
 from pipeline.telemetry import Health, TelemetryServer, WorkerTelemetry
 from workers.cli import COMMANDS
+from workers.serve import TOKEN_ENV as SERVE_TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -39,10 +40,10 @@ COMPOSE = DEPLOY / "compose.yaml"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 IMAGE_RE = re.compile(rf"^anoclip:{re.escape(VERSION)}-(cpu|cuda)$")
-PROCESS_ENV = {CONFIG_ENV, TOKEN_ENV}
+PROCESS_ENV = {CONFIG_ENV, TOKEN_ENV, SERVE_TOKEN_ENV}
 """ANOCLIP_ variables read by processes rather than by the settings model."""
 COMPOSE_ENV = {"REDIS_PASSWORD": "compose-redis-password", "REDIS_ADMIN_PASSWORD": "compose-admin-password",
-               TOKEN_ENV: "compose-dashboard-token"}
+               TOKEN_ENV: "compose-dashboard-token", SERVE_TOKEN_ENV: "compose-serve-token"}
 """What an operator puts in deploy/.env (the required variables); everything else takes its default."""
 
 
@@ -235,7 +236,7 @@ def test_compose_services_are_complete() -> None:
     services = compose()["services"]
     workers = [n for n, s in services.items() if s.get("command", [None])[0] == "worker"]
     assert len(workers) >= 2, "compose should run N workers"
-    assert {"kafka", "redis", "dashboard", "prometheus"} <= set(services)
+    assert {"kafka", "redis", "dashboard", "serve", "prometheus"} <= set(services)
     kafka_env = services["kafka"]["environment"]
     assert "controller" in kafka_env["KAFKA_PROCESS_ROLES"] and "KAFKA_CONTROLLER_QUORUM_VOTERS" in kafka_env, \
         "the broker must run in KRaft mode"
@@ -273,6 +274,7 @@ def test_the_expected_processes_are_deployed() -> None:
     subs = {(c.where.split(":")[0].split("/")[0], _parse_cli(c.argv)[0]) for c in all_containers()}
     for where in ("k8s", "compose"):
         assert (where, "worker") in subs and (where, "dashboard") in subs, f"{where}: {subs}"
+        assert (where, "serve") in subs, f"{where} should run the HTTP inspection API: {subs}"
     assert ("k8s", "adapters") in subs, "Kubernetes should run adapter refresh jobs"
 
 
@@ -615,6 +617,8 @@ def test_compose_healthchecks_hit_the_real_endpoints(worker_telemetry: tuple[Tel
         if sub == "worker":
             assert port == int(c.env["ANOCLIP_WORKER__METRICS_PORT"])
             assert _status(f"http://127.0.0.1:{server.port}{path}") == 200
+        elif sub == "serve":
+            assert port == args.port and path in ("/healthz", "/readyz"), f"{c.where}: {test}"
         else:
             assert sub == "dashboard" and port == args.port and path in (HEALTH_PATH, READY_PATH)
 
@@ -634,6 +638,69 @@ def test_dashboard_probes_hit_the_real_endpoints(tmp_path: Path) -> None:
             assert _status(server.url + probes["livenessProbe"][0]) == 200, "alive without Redis"
             assert _status(server.url + probes["readinessProbe"][0]) == 503, "not ready without Redis"
             assert _status(server.url + "/api/snapshot") == 401, "probes need no token, data does"
+
+
+def test_serve_probes_and_token_hit_the_real_endpoints(tmp_path: Path) -> None:
+    """`anoclip serve` in both deployments: off loopback with its own token (Kubernetes: a file from Secret
+    anoclip-serve; Compose: ANOCLIP_SERVE_TOKEN from deploy/.env), probes and healthcheck on the app's real
+    open endpoints (live while the model loads, ready only once it is loaded), everything else behind the token."""
+    import threading
+
+    import uvicorn
+
+    from pipeline.serving.app import OPEN_PATHS, ServeState, create_app
+    from pipeline.stack import free_port
+
+    k8s = [c for c in k8s_containers() if _parse_cli(c.argv)[0] == "serve"]
+    composed = [c for c in compose_containers() if _parse_cli(c.argv)[0] == "serve"]
+    assert k8s and composed
+    for c in k8s:
+        _, args = _parse_cli(c.argv)
+        assert args.host == "0.0.0.0" and args.token_file and not args.allow_no_token, c.where
+        directory, _, fname = args.token_file.rpartition("/")
+        mount = next(m for m in c.raw["volumeMounts"] if m["mountPath"].rstrip("/") == directory)
+        vol = next(v for v in c.pod["volumes"] if v["name"] == mount["name"])
+        item = next(i for i in vol["secret"]["items"] if i["path"] == fname)
+        assert (vol["secret"]["secretName"], item["key"]) == ("anoclip-serve", "token")
+        assert secrets()["anoclip-serve"]["token"] != secrets()["anoclip-dashboard"]["token"]
+        svc = next(doc for _, doc in k8s_docs() if doc["kind"] == "Service" and doc["metadata"]["name"] ==
+                   c.doc["metadata"]["name"])
+        assert svc["spec"]["selector"].items() <= c.doc["spec"]["template"]["metadata"]["labels"].items()
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= {p["name"] for p in c.raw["ports"]}
+    for c in composed:
+        _, args = _parse_cli(c.argv)
+        assert args.host == "0.0.0.0" and not args.allow_no_token
+        assert c.env[SERVE_TOKEN_ENV] == COMPOSE_ENV[SERVE_TOKEN_ENV], "the token comes from deploy/.env"
+        assert c.raw["ports"] == [f"127.0.0.1:{args.port}:{args.port}"]
+
+    (tmp_path / "c.yaml").write_text("{}\n")
+    settings = load_settings(tmp_path / "c.yaml", redis={"url": "redis://127.0.0.1:1/0"})
+    state = ServeState(settings, token="probe-test-token")  # no model yet: as while it loads
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            t.join(0.05)
+        base = f"http://127.0.0.1:{port}"
+        for c in k8s:
+            probes = _probe_paths(c)
+            assert {"startupProbe", "livenessProbe", "readinessProbe"} <= set(probes), c.where
+            assert {p for _, p in probes.values()} == {_parse_cli(c.argv)[1].port}
+            for name in ("startupProbe", "livenessProbe"):
+                assert _status(base + probes[name][0]) == 200, f"{name}: alive while the model loads"
+            assert _status(base + probes["readinessProbe"][0]) == 503, "not ready before the model is loaded"
+            assert {path for path, _ in probes.values()} <= OPEN_PATHS, "probes carry no token"
+        for c in composed:
+            path = re.search(r"http://127\.0\.0\.1:\d+(/\w+)", " ".join(c.raw["healthcheck"]["test"])).group(1)
+            assert path in OPEN_PATHS and _status(base + path) == 503, "healthy only once the model is loaded"
+        assert _status(base + "/v1/lines") == 401 and _status(base + "/metrics") == 401, "data needs the token"
+    finally:
+        server.should_exit = True
+        t.join(10)
 
 
 def test_operations_doc_explains_every_metric() -> None:

@@ -8,18 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, WeightsError
-from pipeline.model import TileLayout, build_prompt_set, create_anoclip
+from pipeline.model import TileLayout, create_anoclip
 from pipeline.settings import ModelSettings
-
-
-@pytest.fixture(scope="module")
-def model():
-    return create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu", precision="fp32"))
-
-
-@pytest.fixture(scope="module")
-def text(model):
-    return model.encode_prompts(build_prompt_set("bottle"))
 
 
 def _box_then_bilinear(p: np.ndarray, size: int) -> np.ndarray:

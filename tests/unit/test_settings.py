@@ -92,3 +92,53 @@ def test_redis_tls_ca_needs_a_tls_url() -> None:
         make_redis(RedisSettings(url="redis://127.0.0.1:6379/0", ssl_ca_certs="/etc/ssl/ca.pem"))
     client = make_redis(RedisSettings(url="rediss://127.0.0.1:6380/0", ssl_ca_certs="/etc/ssl/ca.pem"))
     assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == "/etc/ssl/ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "key"),
+    [
+        ("ANOCLIP_LINES", '[{"id": "b",', "lines: not valid JSON"),
+        ("ANOCLIP_LINES", "bottle", "lines: not valid JSON"),
+        ("ANOCLIP_LINES", '[{"id": "b", "class_name": "x", "domain": "metal"}]', "lines.0.domain"),
+        ("ANOCLIP_LINES", '[{"id": "b", "class_nam": "x"}]', "lines.0.class_nam"),
+        ("ANOCLIP_MODEL__FEATURE_LAYERS", "[1,", "model.feature_layers: not valid JSON"),
+        ("ANOCLIP_MODEL", "{precision: bf16}", "model: not valid JSON"),
+    ],
+)
+def test_bad_env_json_names_the_key_and_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str, key: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as e:  # a ConfigError, not pydantic-settings' bare SettingsError traceback
+        load_settings(_write(tmp_path, "lines: [{id: a, class_name: x}]"))
+    assert key in str(e.value) and f"environment variable {var}" in str(e.value)
+    assert str(e.value).startswith("invalid configuration (environment)")
+
+
+def test_overrides_beat_environment_beats_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _write(tmp_path, "model: {precision: fp32, seed: 3}\nredis: {prefix: from-yaml, url: 'redis://yaml:1/0'}\n")
+    monkeypatch.setenv("ANOCLIP_MODEL__PRECISION", "bf16")
+    monkeypatch.setenv("ANOCLIP_REDIS__URL", "redis://env:1/0")
+    s = load_settings(p, redis={"url": "redis://override:1/0"}, model={"seed": 5})
+    assert s.redis.url == "redis://override:1/0"  # override > environment
+    assert s.model.precision == "bf16"  # environment > YAML
+    assert s.redis.prefix == "from-yaml" and s.model.seed == 5  # sections are merged key by key
+
+
+def test_yaml_file_only_through_load_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, "lines: [{id: a, class_name: x}]").rename(tmp_path / "config.yaml")
+    assert [x.id for x in load_settings().lines] == ["a"]  # ./config.yaml when no path nor $ANOCLIP_CONFIG
+    assert Settings().lines == []  # the model alone reads no file
+    assert load_settings().lines[0].id == "a"  # ...and loading again is not affected by it
+
+
+def test_unknown_top_level_key_and_bad_encoding(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid configuration .*c.yaml.*: colour: Extra inputs"):
+        load_settings(_write(tmp_path, "colour: red\n"))
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model: {arch: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(bad)

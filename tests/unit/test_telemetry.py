@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import urllib.error
 import urllib.request
+
+import pytest
 
 from pipeline.telemetry import Health, TelemetryServer, WorkerTelemetry
 
@@ -61,3 +65,26 @@ def test_two_workers_in_one_process_do_not_clash() -> None:
     a, b = WorkerTelemetry(), WorkerTelemetry()
     a.alerts.labels("x").inc()
     assert b'anoclip_alerts_total{line="x"}' not in b.render()
+
+
+def test_server_binds_at_construction_and_leaves_signals_alone() -> None:
+    """Port 0's pick is known before start(); a port in use fails fast; uvicorn (off the main thread) takes
+    no signal from the worker, whose SIGTERM handler drains it."""
+    sentinel = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, sentinel)
+    srv = TelemetryServer(WorkerTelemetry(), Health(), "127.0.0.1", 0)
+    try:
+        assert srv.port > 0
+        with pytest.raises(OSError):
+            TelemetryServer(WorkerTelemetry(), Health(), "127.0.0.1", srv.port)
+        srv.start()
+        assert signal.getsignal(signal.SIGTERM) is sentinel
+        code, body = _get(srv.port, "/nope")
+        assert (code, body) == (404, b"not found\n")
+        code, body = _get(srv.port, "/livez")
+        assert code == 200 and json.loads(body) == {"live": True, "starting": True}
+    finally:
+        srv.stop()
+        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(OSError):  # stop() closed the socket
+        socket.create_connection(("127.0.0.1", srv.port), timeout=1).close()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pytest
 
@@ -88,44 +85,3 @@ def test_a_version_without_usable_thresholds_leaves_the_lines() -> None:
     for junk in (None, {}, {"pixel": "nan"}, {"pixel": None, "image": "x"}, {"pixel": float("inf")}):
         th.set_version("v9", junk)
         assert not th.has_version("v9") and th.source == "calibrated" and th.serving == "v9"
-
-
-class _Publisher:
-    """The slice of ResultPublisher that housekeeping uses, over a dict of threshold hashes."""
-
-    def __init__(self) -> None:
-        self.hashes: dict[str, dict[str, str]] = {}
-
-    def ping(self) -> bool:
-        return True
-
-    def read_threshold(self, line: str) -> dict[str, str]:
-        return dict(self.hashes.get(line, {}))
-
-    def write_threshold(self, line: str, state: dict[str, Any]) -> None:
-        self.hashes.setdefault(line, {}).update({k: str(v) for k, v in state.items()})
-
-    def heartbeat(self, fields: dict[str, Any]) -> None:
-        return None
-
-
-def test_housekeeping_publishes_the_served_versions_thresholds(text_cache_dir: Path) -> None:
-    from pipeline.inspection.inspector import Inspector
-    from pipeline.streaming.worker.housekeeping import Housekeeping
-    from pipeline.streaming.worker.publishing import RedisStatus
-    from pipeline.telemetry import Health, WorkerTelemetry
-    from tests.conftest import make_tiny_settings
-
-    s = make_tiny_settings(text_cache_dir, lines=[{"id": "pcb1", "class_name": "pcb1"}])
-    insp = Inspector.from_settings(s)
-    telemetry, pub = WorkerTelemetry(), _Publisher()
-    hk = Housekeeping(s, insp, pub, telemetry, RedisStatus(Health(), telemetry), lambda: {})  # type: ignore[arg-type]
-    insp.thresholds("pcb1").set_version("v2", {"pixel": 0.42, "pixel_median": 0.4})
-    hk.once()
-    h = pub.hashes["pcb1"]
-    assert (h["version"], h["version_pixel"], h["pixel"], h["source"]) == ("v2", "0.42", "0.42", "version")
-    assert h["image_source"] == "default"
-    assert telemetry.threshold.labels("pcb1", "default")._value.get() == 0.5  # the image threshold's source
-    pub.hashes["pcb1"]["manual_pixel"] = "0.77"
-    hk.once()
-    assert pub.hashes["pcb1"]["pixel"] == "0.77" and pub.hashes["pcb1"]["source"] == "manual"

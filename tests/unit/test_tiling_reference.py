@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model import TileLayout, build_prompt_set, create_anoclip
-from pipeline.settings import ModelSettings
+from pipeline.model import TileLayout
 
 S = 64
 SHAPES = {  # name -> (H, W); tiles = ceil(long / S)
@@ -46,16 +45,6 @@ def reference_merge(tiles: np.ndarray, starts: list[int], height: int, width: in
             assert vals, f"pixel ({y}, {x}) is covered by no tile"
             out[y, x] = sum(vals) / len(vals)
     return out
-
-
-@pytest.fixture(scope="module")
-def model():
-    return create_anoclip(ModelSettings(arch="anoclip-tiny", pretrained="none", device="cpu", precision="fp32"))
-
-
-@pytest.fixture(scope="module")
-def text(model):
-    return model.encode_prompts(build_prompt_set("bottle"))
 
 
 @pytest.mark.parametrize("name", list(SHAPES))

@@ -321,22 +321,55 @@ def test_refresh_with_too_few_frames_trains_nothing(line: Line) -> None:
 # ------------------------------------------------------------------------------------------------
 # stream replay and the eval harness hook (tiny model)
 # ------------------------------------------------------------------------------------------------
+PERMISSIVE = GateRule(max_flip_share=1.0, min_spread_ratio=0.0, auroc_margin=1.0, min_contrast_ratio=0.0)
+"""A gate no trained, finite candidate with labelled positives can fail: the promotion path runs for certain."""
+REFUSING = GateRule(min_spread_ratio=1e6)
+"""A gate every candidate fails ("score spread collapsed"): the refusal path runs for certain."""
+
+
+def _replay(inspector: Inspector, images: list[np.ndarray], gate: GateRule) -> list:
+    st = BufferedTTA.for_line(inspector, "bottle")
+    st.gate = gate
+    return list(replay_buffered(inspector, "bottle", images, refresh_every=10, state=st))
+
+
 def test_replay_is_causal_and_refreshes_on_schedule(inspector: Inspector) -> None:
     images = _images(25, seed=5)
-    steps = list(replay_buffered(inspector, "bottle", images, refresh_every=10))
+    steps = _replay(inspector, images, PERMISSIVE)
     assert len(steps) == 25
     refreshed = [i for i, s in enumerate(steps) if s.refresh is not None]
     assert refreshed == [9, 19]
     assert all(s.adapter_version is None for s in steps[:10])  # nothing trained before frame 10
-    zero_shot = inspector.score_raw("bottle", images[:10])
-    for s, z in zip(steps[:10], zero_shot, strict=True):
+    zero_shot = inspector.score_raw("bottle", images)
+    for s, z in zip(steps[:10], zero_shot[:10], strict=True):
         assert torch.equal(s.raw.anomaly_map, z.anomaly_map)
-    first = steps[9].refresh
+    first, second = steps[9].refresh, steps[19].refresh
     assert first is not None and first.extra["training_window"]["last_frame"] == "replay-9"
-    if first.accepted:  # frames after an accepted refresh are served by the new adapter
-        assert steps[10].adapter_version == first.extra["version"]
-        z10 = inspector.score_raw("bottle", [images[10]])[0]
-        assert not torch.equal(steps[10].raw.anomaly_map, z10.anomaly_map)
+    assert first.accepted, first.reasons
+    version = first.extra["version"]
+    # frames after an accepted refresh are served by the new adapter, and only until the next refresh
+    assert all(s.adapter_version == version for s in steps[10:20])
+    assert not torch.equal(steps[10].raw.anomaly_map, zero_shot[10].anomaly_map)
+    assert steps[10].raw.score == zero_shot[10].score  # the adapter changes maps, never the image score
+    assert second is not None and second.accepted, second.reasons
+    assert second.extra["training_window"]["last_frame"] == "replay-19"
+    assert second.extra["base_version"] == version  # the second candidate was judged against the serving one
+    assert second.extra["version"] != version
+    assert all(s.adapter_version == second.extra["version"] for s in steps[20:])
+
+
+def test_replay_never_serves_a_refused_candidate(inspector: Inspector) -> None:
+    images = _images(25, seed=5)
+    steps = _replay(inspector, images, REFUSING)
+    reports = [s.refresh for s in steps if s.refresh is not None]
+    assert len(reports) == 2
+    for r in reports:
+        assert not r.accepted and "version" not in r.extra
+        assert any("score spread collapsed" in reason for reason in r.reasons), r.reasons
+    assert all(s.adapter_version is None for s in steps)
+    zero_shot = inspector.score_raw("bottle", images)
+    for s, z in zip(steps, zero_shot, strict=True):  # every frame, before and after the refusals: the base model
+        assert torch.equal(s.raw.anomaly_map, z.anomaly_map)
 
 
 def test_eval_scorers(inspector: Inspector) -> None:

@@ -96,6 +96,7 @@ async function loadAlert() {
   fact(dl, "score", num(merged.score));
   fact(dl, "threshold", num(merged.threshold));
   fact(dl, "adapter", merged.adapter_version || "base model");
+  fact(dl, "memory bank", merged.bank_version || "none");
   const known = merged.ts_ms || merged.published_ts || merged.capture_ts;
   fact(dl, "when", new Date(timeOf(known ? merged : { ts_ms: lab.alert_ts_ms })).toLocaleString());
   fact(dl, "regions", frame.region_text || regs.length);

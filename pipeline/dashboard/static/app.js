@@ -164,6 +164,8 @@ function currentThreshold(st) {
 function renderAdapter(st) {
   const a = st.adapter;
   const dd = st.node.querySelector(".adapter");
+  const bank = st.node.querySelector(".bank");
+  if (bank) bank.textContent = (st.latest && st.latest.bank_version) || "none";
   const rd = st.node.querySelector(".refresh");
   const inUse = st.latest && st.latest.adapter_version;
   if (!a) { dd.textContent = inUse || "base model"; rd.textContent = "–"; return; }
@@ -542,6 +544,12 @@ function onResult(msg) {
 function onTick(t) {
   renderWorkers(t.workers);
   if (t.alerts_total !== undefined && !filtering()) { state.alertsTotal = t.alerts_total; renderAlerts(); }
+  // A tick lists the lines in the server's order too, and may come before the first snapshot does.
+  const ids = t.order || [];
+  if (ids.length && ids.join("\n") !== state.order.join("\n")) {
+    state.order = ids;
+    for (const st of state.lines.values()) placeCard(st.node, st.id);
+  }
   for (const [id, l] of Object.entries(t.lines || {})) {
     const st = lineCard(id);
     Object.assign(st, { throughput: l.throughput, adapter: l.adapter, threshold: l.threshold, status: l.status,

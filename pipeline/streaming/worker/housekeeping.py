@@ -5,6 +5,7 @@ and the worker's heartbeat."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,16 +69,8 @@ class Housekeeping:
         first = line not in self._synced
         self._synced.add(line)
         ident = self.calibration_identity(line)
-        if first and th.calibration is None and "calibrated_image" in state:
-            stale = {k: state.get(k) for k, v in ident.items() if state.get(k) != v}
-            if stale:  # calibrated with another model, prompt set or quantile: its numbers do not apply
-                log.info("line %s: not resuming the calibration in Redis, it was made with %s", line, stale)
-            else:
-                try:
-                    th.restore(state)
-                    log.info("line %s: resumed calibrated thresholds from Redis (image %.4f)", line, th.image)
-                except (ValueError, KeyError) as e:
-                    log.warning("line %s: ignoring unreadable calibration in Redis: %s", line, e)
+        if "calibrated_image" in state:
+            self._adopt_calibration(line, state, ident, first)
         image, pixel = manual_override(state)
         if (image, pixel) != (th.override_image, th.override_pixel):
             log.info("line %s: manual threshold override image=%s pixel=%s", line, image, pixel)
@@ -87,6 +80,44 @@ class Housekeeping:
             d.update(ident)
         self.publisher.write_threshold(line, d)
         self.telemetry.set_threshold(line, str(d["image_source"]), float(d["image"]))  # type: ignore[arg-type]
+
+    def _adopt_calibration(self, line: str, state: dict[str, str], ident: dict[str, str], first: bool) -> None:
+        """The calibration in Redis is the line's, whichever worker made it.
+
+        A line spread over several workers (frames keyed by frame id) must be judged by one threshold, not
+        one per worker: a worker still calibrating adopts the one published, and one that finished its own
+        calibration after another worker had published gives its own up (when two finish in the same
+        heartbeat, the last write wins and the other adopts it on its next heartbeat). A restarted worker
+        resumes it the same way.
+        """
+        th = self.inspector.thresholds(line)
+        stale = {k: state.get(k) for k, v in ident.items() if state.get(k) != v}
+        if stale:  # calibrated with another model, prompt set or quantile: its numbers do not apply
+            if first and th.calibration is None:
+                log.info("line %s: not resuming the calibration in Redis, it was made with %s", line, stale)
+            return
+        try:
+            image, pixel = float(state["calibrated_image"]), float(state["calibrated_pixel"])
+        except (ValueError, KeyError) as e:
+            if first:
+                log.warning("line %s: ignoring unreadable calibration in Redis: %s", line, e)
+            return
+        own = th.calibration
+        if own is not None and math.isclose(own.image, image, rel_tol=1e-6, abs_tol=1e-9) and math.isclose(
+                own.pixel, pixel, rel_tol=1e-6, abs_tol=1e-9):
+            return
+        try:
+            th.restore(state)
+        except (ValueError, KeyError) as e:
+            log.warning("line %s: ignoring unreadable calibration in Redis: %s", line, e)
+            return
+        if own is None:
+            how = "resumed" if first else "adopted"
+            log.info("line %s: %s calibrated thresholds from Redis (image %.4f, published by worker %s)",
+                     line, how, image, state.get("worker", "?"))
+        else:
+            log.info("line %s: using the line's calibration in Redis (image %.4f, published by worker %s) "
+                     "instead of this worker's (image %.4f)", line, image, state.get("worker", "?"), own.image)
 
     def calibration_identity(self, line: str) -> dict[str, str]:
         """What a calibration depends on: one made with another model, prompt set or quantile is not resumed."""

@@ -10,6 +10,8 @@ Threads, so the poll loop never blocks on work:
 - publisher (`publishing`): writes results to Redis (idempotent per frame id), retrying with backoff
   while Redis is down; a frame counts as finished only once it is in Redis.
 - housekeeping (`housekeeping`): heartbeat hash, threshold state and run-time overrides, Redis readiness.
+- memory-builder (`pipeline.adaptation.memory_service`, `memory: stream` lines only): builds and publishes
+  patch-memory banks and follows the registry's current bank; the scorer swaps banks in between batches.
 - lag (`lag`): consumer lag from the broker's end and committed offsets, on a client of its own (the
   poll thread's fetcher sees nothing while partitions are paused), and the broker's readiness.
 
@@ -35,6 +37,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from pipeline.adaptation.memory_service import MemoryService
 from pipeline.adaptation.registry import AdapterRegistry
 from pipeline.adaptation.service import AdapterService
 from pipeline.errors import ConfigError
@@ -93,6 +96,7 @@ class InspectionWorker:
         self._inspector = inspector
         self.inspector: Inspector | None = None
         self.adapters: AdapterService | None = None
+        self.memory: MemoryService | None = None
         self.housekeeping: Housekeeping | None = None
         self._consumer: Any = None
         self._threads: list[threading.Thread] = []
@@ -155,6 +159,7 @@ class InspectionWorker:
                                              self.redis, self._heartbeat_fields)
             self.housekeeping.once()
             self._start_adapters(self.inspector)
+            self._start_memory(self.inspector)
             if not self._connect_kafka():
                 return 0
             self._start_threads(self.inspector)
@@ -195,9 +200,23 @@ class InspectionWorker:
                 self.adapters.sync(line)
         self.adapters.start()
 
+    def _start_memory(self, inspector: Inspector) -> None:
+        """`memory: stream` lines: score with the line's patch memory, build banks off the scoring thread and
+        serve the registry's current bank (`pipeline.adaptation.memory_service`, docs/memory.md)."""
+        lines = sorted(x.id for x in self.settings.lines if x.memory == "stream")
+        if not lines:
+            return
+        registry = AdapterRegistry(self.publisher.client, self.publisher.keys, kind="banks")
+        self.memory = MemoryService(inspector, registry, lines, self.worker_id, self.telemetry,
+                                    poll_s=self.settings.tta.trainer_poll_s)
+        for line in lines:
+            with contextlib.suppress(*RETRYABLE):  # Redis down: the builder thread's loop catches up
+                self.memory.sync(line)
+        self.memory.start()
+
     def _start_threads(self, inspector: Inspector) -> None:
         scorer = BatchScorer(self.settings, self.worker_id, inspector, self.adapters, self.telemetry,
-                             self.dead_letters.send, self._publish_q)
+                             self.dead_letters.send, self._publish_q, self.memory)
         assert self.housekeeping is not None
         targets: tuple[tuple[str, Callable[[], None]], ...] = (
             ("scorer", lambda: scorer.run(self._score_q)),
@@ -352,6 +371,8 @@ class InspectionWorker:
         self._stop.set()
         if self.adapters is not None:
             self.adapters.stop()
+        if self.memory is not None:
+            self.memory.stop()
         self._abandon.set()
         self._score_q.put(None)
         for t in self._threads:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.adaptation.memory_service import MemoryService
 from pipeline.adaptation.service import AdapterService
 from pipeline.errors import ImageError
 from pipeline.inspection.imaging import GeometryLimits, decode_image
@@ -41,6 +42,8 @@ class BatchScorer:
     telemetry: WorkerTelemetry
     dead_letter: DeadLetter
     publish: queue.Queue[list[tuple[Frame, FrameOutput]] | None]
+    memory: MemoryService | None = None
+    """The patch memory of `memory: stream` lines (`pipeline.adaptation.memory_service`); None: none has it."""
     limits: GeometryLimits = field(init=False)
     """Frame geometry checked from the header before decoding (refused frames go to the DLQ, stage decode)."""
 
@@ -69,16 +72,36 @@ class BatchScorer:
 
     def inspect(self, line: str, frames: list[Frame], images: list[np.ndarray]) -> list[Inspection]:
         """Score and judge frames of one line with its adapter; feed the line's TTA buffer."""
+        return [insp for insp, _ in self.inspect_banks(line, frames, images)]
+
+    def inspect_banks(self, line: str, frames: list[Frame],
+                      images: list[np.ndarray]) -> list[tuple[Inspection, str | None]]:
+        """`inspect`, with the memory bank version that scored each frame (None: memory off or cold start).
+
+        A `memory: stream` line's frames are judged on the memory's fused map and score (z units), with the
+        thresholds of the bank that scored them; the zero-shot outputs still feed the TTA buffer."""
         adapter, version = self.adapter_for(line)
         tta = "per_frame" if self.settings.tta.mode == "per_frame" else None
+        memory = self.memory if self.memory is not None and self.memory.serves(line) else None
         t0 = time.perf_counter()
-        raws = self.inspector.score_raw(line, images, adapter, tta)
+        raws = self.inspector.score_raw(line, images, adapter, tta,
+                                        hidden_layers=memory.hidden_layers if memory is not None else ())
+        if memory is not None:
+            ids = [f.meta.frame_id if f.meta is not None else "" for f in frames]
+            outcomes = memory.score(line, raws, ids)
+            judged = [(o.raw, o.threshold_key, o.bank_version) for o in outcomes]
+        else:
+            judged = [(r, "per_frame" if tta else version, None) for r in raws]
         per_frame_s = (time.perf_counter() - t0) / max(1, len(images))
         # Judged (map, mask, regions) at a bounded size, not at the frame's: the map comes from a grid of a
         # few hundred pixels, and a 50 Mpx copy of it cost seconds and gigabytes per frame.
         cap = self.settings.worker.render_max_side
-        out = [self.inspector.judge(line, dataclasses.replace(r, frame_hw=bounded_size(*r.frame_hw, cap)),
-                                    "per_frame" if tta else version) for r in raws]
+        out = []
+        for r, key, bank in judged:
+            insp = self.inspector.judge(line, dataclasses.replace(r, frame_hw=bounded_size(*r.frame_hw, cap)), key)
+            if memory is not None:  # judged with the bank's thresholds; the result still names the adapter
+                insp = dataclasses.replace(insp, adapter_version="per_frame" if tta else version)
+            out.append((insp, bank))
         if self.adapters is not None:
             for f, r in zip(frames, raws, strict=True):
                 assert f.meta is not None
@@ -99,28 +122,29 @@ class BatchScorer:
             return
         t0 = time.perf_counter()
         try:
-            inspections = list(zip(good, self.inspect(batch.line, [f for f, _ in good], [img for _, img in good]),
-                                   strict=True))
+            inspections = list(zip(good, self.inspect_banks(batch.line, [f for f, _ in good],
+                                                            [img for _, img in good]), strict=True))
         except Exception:  # find the frame that breaks the batch, score the others
             log.exception("batch inspection failed; scoring %d frames one by one", len(good))
             inspections = []
             for f, img in good:
                 try:
-                    (insp,) = self.inspect(batch.line, [f], [img])
-                    inspections.append(((f, img), insp))
+                    (judged,) = self.inspect_banks(batch.line, [f], [img])
+                    inspections.append(((f, img), judged))
                 except (ImageError, ValueError, RuntimeError) as e:
                     self.dead_letter(f, f"inspection failed: {type(e).__name__}: {e}", envelope.STAGE_INSPECT)
         model_s = time.perf_counter() - t0
         self.telemetry.inference_seconds.labels(batch.line).observe(model_s)
         self.telemetry.batch_size.labels(batch.line).observe(len(good))
-        outputs = [(f, self.output(f, img, insp)) for (f, img), insp in inspections]
+        outputs = [(f, self.output(f, img, insp, bank)) for (f, img), (insp, bank) in inspections]
         if outputs:
             self.publish.put(outputs)
 
-    def output(self, f: Frame, img: np.ndarray, insp: Inspection) -> FrameOutput:
+    def output(self, f: Frame, img: np.ndarray, insp: Inspection, bank_version: str | None = None) -> FrameOutput:
         assert f.meta is not None and f.value is not None
         lo, hi = insp.heatmap_range
         result = FrameResult.from_inspection(insp, f.meta, width=int(img.shape[1]), height=int(img.shape[0]),
-                                             partition=f.tp.partition, offset=f.offset, worker=self.worker_id)
+                                             partition=f.tp.partition, offset=f.offset, worker=self.worker_id,
+                                             bank_version=bank_version)
         return FrameOutput(result, mask_png(insp.mask), heatmap_png(img, insp.anomaly_map, lo, hi, insp.mask),
                            image=f.value)
