@@ -197,10 +197,18 @@ def test_adapter_and_bank_registries_of_one_prefix_never_share_a_key(redis_serve
     assert [e["action"] for e in banks.audit(LINE)] == ["rollback", "promote", "promote"]
     banks.pause(LINE, actor="op")
     assert banks.is_paused(LINE) and not adapters.is_paused(LINE)
+    assert banks.publish(LINE, b"B3", {}, actor="w", reason="b", base_version="v1").reason == (
+        "line paused during training")
     assert adapters.publish(LINE, b"A2", {}, actor="w", reason="a", base_version="v1").promoted, "adapters not paused"
     adapters.pause(LINE, actor="op")
     banks.resume(LINE, actor="op")
     assert adapters.is_paused(LINE) and not banks.is_paused(LINE)
+    assert banks.publish(LINE, b"B3", {}, actor="w", reason="b", base_version="v1").promoted, "banks not paused"
+    lock_a = TrainerLock(redis_server.client(), keys, LINE, "trainer", ttl_s=5)
+    lock_b = TrainerLock(redis_server.client(), keys, LINE, "bank-builder", ttl_s=5, kind="banks")
+    assert lock_a.acquire() and lock_b.acquire(), "one trainer per line and kind"
+    assert (lock_a.holder(), lock_b.holder()) == ("trainer", "bank-builder")
+    assert TrainerLock(redis_server.client(), keys, LINE, "x", ttl_s=2).ttl_ms == 2000
     rid = banks.request_refresh(LINE, actor="op")
     assert adapters.refresh_requests(LINE) == [] and adapters.last_request_id(LINE) == "0-0"
     assert [f["request_id"] for _, f in banks.refresh_requests(LINE)] == [rid]
@@ -251,3 +259,28 @@ def test_waiting_for_an_outcome_polls_every_fifth_of_a_second(reg: AdapterRegist
     timer.join()
     assert answer is not None and answer["reason"] == "no"
     assert 0.3 <= waited < 0.9, waited
+
+
+def test_a_promotion_audits_its_thresholds_and_extra_figures(reg: AdapterRegistry) -> None:
+    """Added after mutation testing: the promote entry carries the version's own thresholds and the
+    caller's `audit` figures (e.g. admission counts), and the result echoes the reason."""
+    res = reg.publish(LINE, b"T", {"thresholds": {"pixel": 0.31, "image": 0.6}}, actor="w", reason="gate passed",
+                      base_version=None, audit={"admission": {"offered": 40, "admitted": 31}})
+    assert (res.promoted, res.version, res.reason) == (True, "v1", "gate passed")
+    entry = reg.audit(LINE)[0]
+    assert json.loads(entry["thresholds"]) == {"pixel": 0.31, "image": 0.6}
+    assert json.loads(entry["admission"]) == {"offered": 40, "admitted": 31}
+    assert _publish(reg, "v1") == "v2" and "thresholds" not in reg.audit(LINE)[0], "none carried: none recorded"
+
+
+def test_every_audit_writer_is_capped(reg: AdapterRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Promotions and plain records trim the audit stream as rollbacks do (approximately: whole nodes)."""
+    monkeypatch.setattr("pipeline.adaptation.registry.AUDIT_MAXLEN", 5)
+    base = None
+    for _ in range(300):
+        base = _publish(reg, base)
+    assert reg.client.xlen(reg.keys.adapter_audit(LINE)) < 250
+    reg.client.delete(reg.keys.adapter_audit(LINE))
+    for i in range(300):
+        reg.record(LINE, "note", actor="x", reason=str(i))
+    assert reg.client.xlen(reg.keys.adapter_audit(LINE)) < 250
