@@ -30,13 +30,15 @@ if [ "$DEV" = 1 ]; then
       echo "[setup] WARNING: chromium/chromedriver missing; the dashboard browser test will fail" >&2
     fi
   fi
-  # Camera tests: ffmpeg serves an MJPEG stream; GStreamer's RTSP server (system python3 + gi) an RTSP one.
-  if ! command -v ffmpeg >/dev/null 2>&1 || ! /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null; then
+  # Camera tests: ffmpeg serves an MJPEG stream; GStreamer's RTSP server (system python3 + gi) an RTSP one;
+  # gst-launch-1.0 runs GStreamer pipeline sources (PyPI's OpenCV has no GStreamer).
+  if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v gst-launch-1.0 >/dev/null 2>&1 \
+      || ! /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      echo "[setup] installing ffmpeg + GStreamer RTSP server (camera tests)"
+      echo "[setup] installing ffmpeg + GStreamer (tools, RTSP server; camera tests)"
       apt-get update -qq >/dev/null
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 \
-        gstreamer1.0-plugins-base gstreamer1.0-plugins-good >/dev/null
+        gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good >/dev/null
     else
       echo "[setup] WARNING: ffmpeg or the GStreamer RTSP server missing; the camera tests will fail" >&2
     fi

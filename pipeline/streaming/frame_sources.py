@@ -1,7 +1,9 @@
 """Where produced frames come from: cameras and streams, video files, folders of images, generated parts.
 
 - **Live sources** (`rtsp://`, `rtsps://`, `http(s)://` MJPEG, `/dev/videoN` or a device index, a
-  GStreamer pipeline string): read by OpenCV on a capture thread that never waits for the broker.
+  GStreamer pipeline string): read by OpenCV on a capture thread that never waits for the broker. A
+  GStreamer pipeline runs in OpenCV when it was built with GStreamer (PyPI's wheels are not), else in a
+  `gst-launch-1.0` process that ends it with `jpegenc` and writes the frames to a pipe.
   Frames wait in a small queue; when the broker is slower than the camera the *oldest* are dropped (a
   live line wants the newest view), counted in `LiveStats.dropped`. A lost stream is reopened with
   exponential backoff (`reconnects`, `failures`), forever unless `max_outage_s` is set.
@@ -22,6 +24,10 @@ import itertools
 import logging
 import os
 import re
+import select
+import shlex
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -170,12 +176,89 @@ class LiveSpec:
                                   "the container?)")
             return cls(index, cv2.CAP_V4L2, "device")
         if "!" in spec and not Path(spec).exists():
-            if "GStreamer:                   YES" not in cv2.getBuildInformation().replace("\t", " "):
-                raise SourceError("a GStreamer pipeline needs an OpenCV built with GStreamer; the installed "
-                                  f"opencv-python-headless {cv2.__version__} has none (use an rtsp:// or "
-                                  "http:// URL, or build OpenCV with GStreamer)")
-            return cls(spec, cv2.CAP_GSTREAMER, "gstreamer")
+            if "GStreamer:                   YES" in cv2.getBuildInformation().replace("\t", " "):
+                return cls(spec, cv2.CAP_GSTREAMER, "gstreamer")
+            if shutil.which(GST_LAUNCH) is None:
+                raise SourceError(f"a GStreamer pipeline needs {GST_LAUNCH} (Debian: gstreamer1.0-tools) or an "
+                                  f"OpenCV built with GStreamer; the installed opencv-python-headless "
+                                  f"{cv2.__version__} has none")
+            return cls(spec, GST_LAUNCH_BACKEND, "gstreamer")
         return None
+
+
+GST_LAUNCH = "gst-launch-1.0"
+GST_LAUNCH_BACKEND = -1
+"""`LiveSpec.backend` of a GStreamer pipeline run by `gst-launch-1.0` (`GstLaunchCapture`), not by OpenCV."""
+_SINK_RE = re.compile(r"!\s*(?:appsink|fakesink|autovideosink|fdsink)\b[^!]*$")
+
+
+class GstLaunchCapture:
+    """A GStreamer pipeline in a `gst-launch-1.0` process, read like an OpenCV capture (`read`, `release`).
+
+    The pipeline is ended with `videoconvert ! jpegenc ! fdsink` (a sink it ends with, e.g. OpenCV's
+    `appsink`, is replaced), so the process writes one JPEG after another to a pipe; each is cut at its
+    end-of-image marker (`jpegenc` writes no thumbnails, so the marker only ends images) and decoded.
+    The process ending (end of stream, lost camera) reads as a lost stream: `LiveSource` reconnects.
+    """
+
+    def __init__(self, pipeline: str, read_timeout_s: float) -> None:
+        body = _SINK_RE.sub("", pipeline.strip()).rstrip("! ")
+        argv = [GST_LAUNCH, "-q", *shlex.split(body), "!", "videoconvert", "!", "jpegenc", "!", "fdsink", "fd=1"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.read_timeout_s = read_timeout_s
+        self._buf = bytearray()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=20)
+        threading.Thread(target=self._drain_stderr, name="anoclip-gst-stderr", daemon=True).start()
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line.decode(errors="replace").strip())
+
+    def opened(self, timeout_s: float) -> bool:
+        """False when the process ends before writing anything (a pipeline that does not parse or link)."""
+        assert self.proc.stdout is not None
+        if select.select([self.proc.stdout.fileno()], [], [], timeout_s)[0]:
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+            self._buf += chunk
+            return bool(chunk)
+        return self.proc.poll() is None  # nothing yet: a slow camera, reads time out if it stays silent
+
+    @property
+    def error(self) -> str:
+        """What gst-launch said last (e.g. why the pipeline did not start)."""
+        return "; ".join(x for x in self._stderr if x)[-300:]
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + self.read_timeout_s
+        while True:
+            end = self._buf.find(b"\xff\xd9")
+            if end >= 0:
+                start = self._buf.find(b"\xff\xd8")
+                jpeg = bytes(self._buf[max(start, 0):end + 2])
+                del self._buf[:end + 2]
+                bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+                return (bgr is not None), bgr
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return False, None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:  # the pipeline ended
+                return False, None
+            self._buf += chunk
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def camera_id(spec: str) -> str:
@@ -228,6 +311,13 @@ class LiveSource:
 
     # --- capture thread ---------------------------------------------------------------------------
     def _open(self) -> Any:
+        if self.spec.backend == GST_LAUNCH_BACKEND:
+            gst = GstLaunchCapture(str(self.spec.target), self.read_timeout_ms / 1000)
+            if gst.opened(self.open_timeout_ms / 1000):
+                return gst
+            gst.release()
+            log.warning("%s: %s", GST_LAUNCH, gst.error or "ended before the first frame")
+            return None
         if self.spec.backend == cv2.CAP_FFMPEG and self.spec.kind.startswith("rtsp"):
             # OpenCV reads FFmpeg options from the environment; TCP survives loss and NAT better than UDP
             os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", f"rtsp_transport;{self.transport}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import pytest
 from PIL import Image
 
 from pipeline.inspection.imaging import decode_image
+from pipeline.streaming import frame_sources
 from pipeline.streaming.envelope import H_SYNTHETIC_DEFECT
 from pipeline.streaming.frame_sources import (
+    GST_LAUNCH_BACKEND,
     LiveSource,
     LiveSpec,
     SourceError,
@@ -85,7 +88,7 @@ def test_other_image_formats_are_sent_as_png(tmp_path: Path) -> None:
     assert len(single) == 1 and single[0].name == "a.bmp"
 
 
-def test_live_specs_and_camera_ids(tmp_path: Path) -> None:
+def test_live_specs_and_camera_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert LiveSpec.parse("rtsp://cam.local:8554/line1").backend == cv2.CAP_FFMPEG
     assert LiveSpec.parse("HTTP://10.0.0.5/video.mjpg").kind == "http"
     assert LiveSpec.parse("2") == LiveSpec(2, cv2.CAP_V4L2, "device")
@@ -93,8 +96,11 @@ def test_live_specs_and_camera_ids(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no such video device"):
         LiveSpec.parse("/dev/video97")
     if "GStreamer:                   YES" not in cv2.getBuildInformation():
-        with pytest.raises(SourceError, match="OpenCV built with GStreamer"):
+        assert LiveSpec.parse("videotestsrc ! videoconvert ! appsink").backend == GST_LAUNCH_BACKEND
+        monkeypatch.setattr(frame_sources.shutil, "which", lambda _name: None)
+        with pytest.raises(SourceError, match="needs gst-launch-1.0 .* or an OpenCV built with GStreamer"):
             open_source("videotestsrc ! videoconvert ! appsink")
+        monkeypatch.undo()
     assert is_live("rtsp://x/y") and is_live("/dev/video97") and not is_live("synthetic")
     assert camera_id("rtsp://admin:secret@10.1.2.3:554/Streaming/Channels/101?tcp") == \
         "10.1.2.3:554/Streaming/Channels/101"
@@ -153,3 +159,35 @@ def test_live_source_gives_up_after_max_outage(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(SourceError, match="no frames for"):
         next(iter(src))
     assert src.stats.failures >= 2 and "cannot open http://127.0.0.1:1/cam.mjpg" in src.stats.last_error
+
+
+GST_TEST = "videotestsrc num-buffers=12 pattern=ball ! video/x-raw,width=64,height=48,framerate=60/1"
+
+
+def _need_gst_launch() -> None:
+    if shutil.which("gst-launch-1.0") is None:
+        pytest.fail("gst-launch-1.0 is missing: deploy/local/setup.sh --dev installs gstreamer1.0-tools")
+
+
+def test_a_gstreamer_pipeline_is_read_and_restarted_when_it_ends() -> None:
+    """OpenCV's appsink ending is replaced; the pipeline's end of stream reads as a lost stream: reopened."""
+    _need_gst_launch()
+    src = LiveSource(GST_TEST + " ! videoconvert ! appsink", buffer=64, backoff_s=0.05, read_timeout_s=5)
+    frames = []
+    for f in src:
+        frames.append(f)
+        if len(frames) >= 20:  # more than one run of the 12-buffer pipeline
+            break
+    assert src.stats.reconnects >= 1
+    img = cv2.imdecode(np.frombuffer(frames[0].data, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (48, 64, 3) and frames[0].content_type == "image/jpeg"
+    assert frames[0].capture_ts_ns is not None and frames[0].name.startswith("gstreamer#")
+    assert len({f.data for f in frames[:12]}) > 1, "the ball moves: frames differ"
+
+
+def test_a_gstreamer_pipeline_that_does_not_start_says_why() -> None:
+    _need_gst_launch()
+    src = LiveSource("nosuchelement ! videoconvert ! appsink", backoff_s=0.05, max_outage_s=0.5)
+    with pytest.raises(SourceError, match="no frames for"):
+        next(iter(src))
+    assert src.stats.failures >= 1 and src.stats.last_error.startswith("cannot open")
