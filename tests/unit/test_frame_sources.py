@@ -133,15 +133,20 @@ def test_live_source_reconnects_and_drops_the_oldest(monkeypatch: pytest.MonkeyP
 
     def fake_open(self: LiveSource) -> FakeCapture | None:
         opens.append(1)
-        if len(opens) == 2:
-            return None  # the camera is rebooting: one failed open, then back
+        if len(opens) == 2 or len(opens) > 4:
+            # the camera is rebooting: one failed open, then back; after its fourth session it stays away,
+            # so the pixel values (frame numbers) stay below 256 however far the capture thread runs ahead
+            return None
         return FakeCapture(20, 20 * len(opens))
 
     monkeypatch.setattr(LiveSource, "_open", fake_open)
     src = LiveSource("rtsp://127.0.0.1:1/cam", buffer=3, backoff_s=0.01, backoff_max_s=0.02, fmt="png")
     it = iter(src)
     first = next(it)
-    time.sleep(0.5)  # the consumer stalls (a slow broker) while the camera goes on
+    # The consumer stalls (a slow broker) while the camera goes on: past its reconnect, into the third open.
+    end = time.monotonic() + 30
+    while src.stats.captured < 45 and time.monotonic() < end:
+        time.sleep(0.05)
     rest = [next(it) for _ in range(3)]
     src.close()
     s = src.stats
