@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -72,6 +73,21 @@ class NoBankError(AnoclipError):
         super().__init__(f"line {line!r} has no memory bank yet: until its workers publish one, its frames are "
                          "judged by mutual scoring against the line's recent stream frames, which are not at hand here")
         self.line = line
+
+
+BUILDER_NICE = 10
+"""The builder thread's niceness: on a busy CPU a bank build takes what scoring leaves (on Linux a thread
+is its own scheduling entity; torch ops called from it run in it with the worker's one intra-op thread)."""
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Raise the calling thread's niceness by `nice` (Linux; elsewhere nothing). True when it took effect."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        return True
+    except (AttributeError, OSError):  # no per-thread priorities here, or not allowed: build at full priority
+        return False
 
 
 def threshold_key(version: str | None) -> str:
@@ -236,6 +252,7 @@ class MemoryService:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        lower_thread_priority(BUILDER_NICE)
         while not self._stop.is_set():
             try:
                 job = self._jobs.get(timeout=self.poll_s)

@@ -31,7 +31,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, text_cache_dir: Path) -> tup
                   "text_cache_dir": str(text_cache_dir), "batch_size": 4},
         "lines": [{"id": "bottle", "class_name": "bottle"},
                   {"id": "pcb1", "class_name": "pcb1", "adapter_kind": "linear"}],
-        "tta": {"train_steps": 15, "min_frames": 8, "batch_tokens": 512},
+        # The gate's rules are unit-tested; on random weights and noise frames its AUROC comparison on three
+        # pasted defects is a coin toss (it refused in some CI runs), and this test is about the command.
+        "tta": {"train_steps": 15, "min_frames": 8, "batch_tokens": 512, "gate_auroc_margin": 1.0,
+                "gate_min_contrast_ratio": 0.0},
     }
     p = root / "config.yaml"
     p.write_text(yaml.safe_dump(cfg))

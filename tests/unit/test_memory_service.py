@@ -13,7 +13,7 @@ import torch
 
 from pipeline.adaptation import adapter_files
 from pipeline.adaptation import memory_bank as mb
-from pipeline.adaptation.memory_service import COLD_START_KEY, MemoryService, threshold_key
+from pipeline.adaptation.memory_service import BUILDER_NICE, COLD_START_KEY, MemoryService, threshold_key
 from pipeline.errors import AdapterMismatchError, ConfigError
 from pipeline.evaluation import synth
 from pipeline.inspection.inspector import Inspector
@@ -170,3 +170,22 @@ def test_frame_results_name_their_bank_version() -> None:
     assert FrameResult.from_json_dict(d).bank_version == "v3"
     assert r.results_entry(result_key="k", mask_key="m")["bank_version"] == "v3"
     assert FrameResult.from_json_dict({k: v for k, v in d.items() if k != "bank_version"}).bank_version is None
+
+
+def test_the_bank_builder_runs_at_a_lower_priority_than_scoring(inspector: Inspector) -> None:
+    """A build is seconds of CPU at once: at nice +10 it takes what the scorer thread leaves."""
+    import os
+    import threading
+    import time
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    svc = MemoryService(inspector, None, [LINE], "w-test", WorkerTelemetry()).start()
+    try:
+        builder = next(t for t in threading.enumerate() if t.name == "memory-builder")
+        end = time.monotonic() + 10
+        while time.monotonic() < end and os.getpriority(os.PRIO_PROCESS, builder.native_id) == base:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, builder.native_id) == min(19, base + BUILDER_NICE)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base, "the caller keeps its priority"
+    finally:
+        svc.stop()
