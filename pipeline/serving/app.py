@@ -135,6 +135,11 @@ class ServeMetrics:
         self.queue = Gauge("anoclip_serve_queue_depth", "Frames waiting for the model", registry=r)
         self.published = Counter("anoclip_serve_published", "Results published to Redis", ["outcome"], registry=r)
         self.ready = Gauge("anoclip_serve_ready", "1 when the model is loaded and lines are prepared", registry=r)
+        # the same names as the workers' series, so one dashboard panel shows what every scorer of a line serves
+        self.adapter_version = Gauge("anoclip_adapter_version", "1 for the adapter version served (none: base model)",
+                                     ["line", "version"], registry=r)
+        self.bank_version = Gauge("anoclip_bank_version", "1 for the memory bank version served (none: answers 503)",
+                                  ["line", "version"], registry=r)
 
 
 @dataclass
@@ -257,6 +262,18 @@ class ServeState:
         t.start()
         return t
 
+    def observe_versions(self) -> None:
+        """Set the version gauges to what is served now (read at each scrape: the registries move on their own)."""
+        m = self.metrics
+        m.adapter_version.clear()
+        m.bank_version.clear()
+        if self.adapters is not None:
+            for ln in self.adapters.lines:
+                m.adapter_version.labels(ln, self.adapters.adapter_for(ln)[1] or "none").set(1)
+        if self.memory is not None:
+            for ln in self.memory.lines:
+                m.bank_version.labels(ln, self.memory.following(ln) or "none").set(1)
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         checks: dict[str, Any] = {"model_loaded": self.inspector is not None, "stopping": self.stopping,
                                   "batcher_alive": bool(self.batcher and self.batcher.alive)}
@@ -342,6 +359,7 @@ def create_app(state: ServeState) -> FastAPI:
     async def metrics() -> Response:
         if state.batcher is not None:
             m.queue.set(state.batcher.depth)
+        state.observe_versions()
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/lines", summary="The configured lines")

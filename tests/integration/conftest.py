@@ -28,6 +28,7 @@ import pytest
 import redis
 import yaml
 from kafka import KafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import stack
 from pipeline.redis_keys import RedisKeys
@@ -307,6 +308,16 @@ def serving(settings: Settings, inspector: Any) -> Iterator[tuple[Any, int]]:
         server.should_exit = True
         t.join(10)
         state.close()
+
+
+def served_versions(port: int, metric: str) -> dict[str, str]:
+    """{line: version} of a version gauge (`anoclip_adapter_version`, `anoclip_bank_version`) on the /metrics of a
+    serve app on `port` (no token); every series of it must be at 1: the gauges hold what is served now only."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == metric]
+    assert all(s.value == 1 for s in samples), samples
+    return {s.labels["line"]: s.labels["version"] for s in samples}
 
 
 def make_pipeline_config(broker: Broker, redis_url: str, text_cache: Path, **worker: Any) -> dict[str, Any]:

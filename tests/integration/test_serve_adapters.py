@@ -24,7 +24,7 @@ from pipeline.model.adapters import create_adapter
 from pipeline.redis_keys import RedisKeys
 from pipeline.streaming.frame_sources import encode
 from tests.conftest import make_tiny_settings
-from tests.integration.conftest import RedisServer, serving, wait_for
+from tests.integration.conftest import RedisServer, served_versions, serving, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -83,6 +83,8 @@ def test_serve_follows_the_registrys_promoted_adapter(redis_server: RedisServer,
         assert code == 200 and r["adapter_version"] is None and r["threshold_source"] != "version"
         code, ready = _call(port, "GET", "/readyz")
         assert code == 200 and ready["adapters"] == {"bottle": v1, "wood": None, "pcb1": None}
+        assert served_versions(port, "anoclip_adapter_version") == {"bottle": v1, "wood": "none", "pcb1": "none"}
+        assert served_versions(port, "anoclip_bank_version") == {}, "no memory line"
 
         _, v2 = _publish(reg, inspector, 1, V2, v1)  # promoted while serving: followed without a restart
 
@@ -92,6 +94,7 @@ def test_serve_follows_the_registrys_promoted_adapter(redis_server: RedisServer,
 
         r = wait_for(on_v2, 20, "serve to follow the promotion")
         assert (r["threshold"], r["pixel_threshold"]) == (V2["image"], V2["pixel"])
+        assert served_versions(port, "anoclip_adapter_version")["bottle"] == v2, "v1's series is gone"
 
         assert reg.rollback(LINE, actor="test", reason="test") == v1
         assert reg.rollback(LINE, actor="test", reason="test") is None  # no adapter: back to the base model
@@ -99,6 +102,7 @@ def test_serve_follows_the_registrys_promoted_adapter(redis_server: RedisServer,
                      is None and x, 20, "serve to follow the rollback")
         assert r["max_pixel_score"] == pytest.approx(float(base.anomaly_map.max()), abs=1e-6)
         assert r["threshold_source"] != "version"
+        assert served_versions(port, "anoclip_adapter_version")["bottle"] == "none"
     assert reg.versions(LINE) == [v1, v2], "serving never trains nor publishes"
 
 

@@ -27,7 +27,7 @@ from pipeline.serving.app import NO_BANK_RETRY_S, ServeState, create_app
 from pipeline.settings import Settings
 from pipeline.streaming.frame_sources import encode
 from tests.conftest import make_tiny_settings
-from tests.integration.conftest import RedisServer, serving, wait_for
+from tests.integration.conftest import RedisServer, served_versions, serving, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -105,6 +105,7 @@ def test_serve_scores_a_memory_line_with_the_registrys_bank_and_admits_nothing(
         assert headers["retry-after"] == str(NO_BANK_RETRY_S)
         code, ready, _ = _call(port, "GET", "/readyz")
         assert code == 200 and ready["banks"] == {LINE: None}, ready  # other lines are served meanwhile
+        assert served_versions(port, "anoclip_bank_version") == {LINE: "none"}, "only memory lines have one"
         code, r, _ = _call(port, "POST", "/v1/lines/bottle/inspect", body)  # memory off: zero-shot, no bank
         assert code == 200 and r["bank_version"] is None
 
@@ -119,6 +120,7 @@ def test_serve_scores_a_memory_line_with_the_registrys_bank_and_admits_nothing(
         assert abs(r["score"] - zero_shot.score) > 1e-3, "else this shows nothing"
         assert r["verdict"] == verdict
         assert _call(port, "GET", "/readyz")[1]["banks"] == {LINE: v1}
+        assert served_versions(port, "anoclip_bank_version") == {LINE: v1}
 
         # many requests, concurrent ones sharing batches: nothing is admitted, built, published or locked
         def ask(i: int) -> None:
@@ -142,6 +144,7 @@ def test_serve_scores_a_memory_line_with_the_registrys_bank_and_admits_nothing(
                      and x, 20, "serve to follow the promotion")
         assert (r["threshold"], r["pixel_threshold"]) == (V2["image"], V2["pixel"])
         assert r["score"] == pytest.approx(_worker_score(settings, banks, v2, body)[0], abs=1e-5)
+        assert served_versions(port, "anoclip_bank_version") == {LINE: v2}
 
         assert banks.rollback(LINE, actor="test", reason="test") == v1
         wait_for(lambda: _call(port, "POST", f"/v1/lines/{LINE}/inspect", body)[1].get("bank_version") == v1, 20,
