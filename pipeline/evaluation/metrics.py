@@ -413,10 +413,10 @@ class PixelAccumulator:
             asc_neg = np.concatenate(([0], np.cumsum(cn[::-1])))
             n_le = np.searchsorted(asc_vals, thresholds, side="right")
             fp_above += asc_neg[-1] - asc_neg[n_le]
-            # decimated ROC points for plots
+            # decimated ROC points for plots, the same however the scores were grouped (spilled or not); the
+            # last point (all pixels: level _ROC_POINTS) always starts a level, so the curve ends at (1, 1)
             level = ((ctp + cfp) * _ROC_POINTS) // max(P + N, 1)
             keep = np.concatenate(([level[0] != last_level], level[1:] != level[:-1]))
-            keep[-1] = True
             last_level = int(level[-1])
             if P and N:
                 roc_f.append(cfp[keep] / N)

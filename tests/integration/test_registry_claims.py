@@ -10,6 +10,7 @@ import time
 import uuid
 
 import pytest
+import redis
 
 from pipeline.adaptation.registry import AdapterRegistry, TrainerLock, default_actor
 from pipeline.redis_keys import RedisKeys
@@ -284,3 +285,40 @@ def test_every_audit_writer_is_capped(reg: AdapterRegistry, monkeypatch: pytest.
     for i in range(300):
         reg.record(LINE, "note", actor="x", reason=str(i))
     assert reg.client.xlen(reg.keys.adapter_audit(LINE)) < 250
+
+
+def test_a_registry_kind_is_one_of_two_and_records_go_to_its_own_audit(redis_server: RedisServer) -> None:
+    """Added after the second mutation run: a misspelt kind is refused by name, and a `banks` registry's plain
+    records (refusals, failed builds) land in the banks' audit, never in the adapters'."""
+    keys = RedisKeys(f"kinds{uuid.uuid4().hex[:8]}")
+    with pytest.raises(ValueError, match=r"^registry kind must be one of \('adapters', 'banks'\), got 'bank'$"):
+        AdapterRegistry(redis_server.client(), keys, kind="bank")
+    adapters = AdapterRegistry(redis_server.client(), keys)
+    banks = AdapterRegistry(redis_server.client(), keys, kind="banks")
+    banks.record(LINE, "refuse", actor="builder", reason="AUROC dropped")
+    assert [(e["action"], e["reason"]) for e in banks.audit(LINE)] == [("refuse", "AUROC dropped")]
+    assert adapters.audit(LINE) == []
+
+
+def test_the_audit_shows_the_newest_fifty_unless_asked(reg: AdapterRegistry) -> None:
+    for i in range(60):
+        reg.record(LINE, "note", actor="x", reason=str(i))
+    assert [e["reason"] for e in reg.audit(LINE)] == [str(i) for i in range(59, 9, -1)]
+    assert len(reg.audit(LINE, count=60)) == 60
+
+
+def test_a_decoding_client_reads_what_a_bytes_client_wrote(redis_server: RedisServer) -> None:
+    """Read-only tools may hold a client with `decode_responses=True`: the registry's reads answer the same."""
+    keys = RedisKeys(f"dec{uuid.uuid4().hex[:8]}")
+    writer = AdapterRegistry(redis_server.client(), keys)
+    writer.publish(LINE, b"T", {"n": 1}, actor="w", reason="good", base_version=None)
+    writer.request_refresh(LINE, actor="op")
+    lock = TrainerLock(redis_server.client(), keys, LINE, "trainer", ttl_s=5)
+    assert lock.acquire()
+    decoding = redis.Redis.from_url(redis_server.url, socket_timeout=5, decode_responses=True)
+    reader = AdapterRegistry(decoding, keys)
+    assert (reader.current(LINE), reader.versions(LINE), reader.meta(LINE, "v1")) == (
+        writer.current(LINE), writer.versions(LINE), writer.meta(LINE, "v1"))
+    assert reader.audit(LINE) == writer.audit(LINE) and reader.last_request_id(LINE) == writer.last_request_id(LINE)
+    assert reader.refresh_requests(LINE) == writer.refresh_requests(LINE)
+    assert TrainerLock(decoding, keys, LINE, "other", ttl_s=5).holder() == "trainer"

@@ -17,6 +17,7 @@ from pipeline.evaluation.metrics import (
     PixelMetrics,
     class_row,
     f1_max,
+    float_keys,
     image_metrics,
     mean_over_classes,
 )
@@ -305,3 +306,87 @@ def test_spilled_class_without_anomalous_pixels_is_undefined_not_an_error() -> N
     for r in out:
         assert math.isnan(r.auroc) and math.isnan(r.ap) and math.isnan(r.f1_max) and r.n_pixels_normal == 108
     assert np.array_equal(out[0].pro_fpr, out[1].pro_fpr) and out[1].pro_fpr[0] == pytest.approx(107 / 108)
+
+
+def test_an_accumulator_with_no_images_measured_nothing() -> None:
+    """Added after the second mutation run: every figure undefined, every count 0, every curve empty, and the
+    variant as asked; an unknown variant is named."""
+    acc = PixelAccumulator()
+    r = acc.result("unrescaled")
+    for name in ("auroc", "ap", "f1_max", "aupro", "aupro_rescaled", "aupro_unrescaled", "score_min", "score_max"):
+        assert math.isnan(getattr(r, name)), name
+    assert r.aupro_variant == "unrescaled"
+    counts = (r.n_images, r.n_pixels_anomalous, r.n_pixels_normal, r.n_regions)
+    assert counts == (0, 0, 0, 0) and all(type(c) is int for c in counts)
+    curves = (r.roc_fpr, r.roc_tpr, r.pro_fpr, r.pro_overlap, r.pro_thresholds)
+    assert all(isinstance(c, np.ndarray) and c.size == 0 for c in curves)
+    with pytest.raises(ValueError, match=r"^aupro_variant must be one of \('rescaled', 'unrescaled'\)$"):
+        acc.result("exact")
+
+
+@pytest.mark.parametrize("anomalous", [False, True], ids=["all normal", "all anomalous"])
+def test_a_class_of_one_kind_of_pixel_is_undefined_quietly(anomalous: bool) -> None:
+    """Only normal pixels (a class whose test images have no defect masks) or only anomalous ones: ROC-based
+    figures are undefined, the plotted ROC is empty and the PRO curve's false-positive rates are NaN when
+    there are no normal pixels, all without numpy's division warnings."""
+    rng = np.random.default_rng(5)
+    maps = [rng.random((8, 8)).astype(np.float32) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with PixelAccumulator() as acc:
+            for m in maps:
+                acc.add(m, np.full((8, 8), anomalous))
+            r = acc.result()
+    assert math.isnan(r.auroc) and r.roc_fpr.size == 0 and r.roc_tpr.size == 0
+    assert (r.n_pixels_anomalous, r.n_pixels_normal) == ((128, 0) if anomalous else (0, 128))
+    assert r.pro_fpr.shape == (200,)
+    if anomalous:
+        assert np.isnan(r.pro_fpr).all() and math.isnan(r.aupro) and r.n_regions == 2
+        assert not math.isnan(r.ap) and r.ap == pytest.approx(1.0)
+    else:
+        assert np.isfinite(r.pro_fpr).all() and r.n_regions == 0
+
+
+def _decimated_roc(y: np.ndarray, s: np.ndarray, points: int) -> tuple[np.ndarray, np.ndarray]:
+    """The plotted ROC, rebuilt from scikit-learn's full curve: (0, 0), then at each distinct score (highest
+    first) the point where the count of pixels at or above it enters a new 1/`points` of all pixels, and the
+    last point."""
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    fpr, tpr = fpr[1:], tpr[1:]  # sklearn's own (0, 0) at +inf
+    P, N = int(y.sum()), int((~y).sum())
+    level = (np.rint(tpr * P + fpr * N).astype(np.int64) * points) // (P + N)
+    keep = np.concatenate(([True], level[1:] != level[:-1]))
+    keep[-1] = True
+    return np.concatenate(([0.0], fpr[keep])), np.concatenate(([0.0], tpr[keep]))
+
+
+@pytest.mark.parametrize("budget", [10**9, 700], ids=["in memory", "spilled"])
+def test_the_plotted_roc_is_the_exact_curve_decimated_by_pixel_count(budget: int) -> None:
+    """Added after the second mutation run: the ROC points kept for plots lie on the exact curve, one per
+    1/2000 of the pixels (never more), the same whether the scores were spilled to disk (read back in groups)
+    or not, and the first distinct score is kept even when its pixels already fill a whole step (here two
+    pixels tie at the top of 4000: step 1)."""
+    rng = np.random.default_rng(11)
+    maps = [rng.random((40, 50)).astype(np.float32) for _ in range(2)]
+    masks = [rng.random((40, 50)) < 0.2 for _ in range(2)]
+    maps[0][0, 0] = maps[1][0, 0] = np.float32(2.0)
+    with PixelAccumulator(memory_budget=budget) as acc:
+        for m, g in zip(maps, masks, strict=True):
+            acc.add(m, g)
+        assert acc.spilled == (budget == 700)
+        r = acc.result()
+        assert (r.aupro_variant, acc.result("unrescaled").aupro_variant) == ("rescaled", "unrescaled")
+    y = np.concatenate([g.ravel() for g in masks])
+    s = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
+    want_f, want_t = _decimated_roc(y, s, 2000)
+    assert r.roc_fpr.shape == want_f.shape and r.roc_fpr.size <= 2002
+    np.testing.assert_allclose(r.roc_fpr, want_f, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r.roc_tpr, want_t, rtol=0, atol=1e-12)
+    assert (r.roc_fpr[1], r.roc_tpr[1]) == (np.count_nonzero(~y[[0, 2000]]) / (~y).sum(),
+                                             np.count_nonzero(y[[0, 2000]]) / y.sum()), "the tie at the top"
+
+
+def test_float64_values_get_the_keys_of_their_float32_rounding() -> None:
+    """Maps arrive as float64 from some scorers: their keys are those of the float32 values, one per value."""
+    v = np.random.default_rng(2).normal(size=50)
+    assert np.array_equal(float_keys(v), float_keys(v.astype(np.float32))) and float_keys(v).shape == (50,)
