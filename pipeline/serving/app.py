@@ -262,17 +262,21 @@ class ServeState:
         t.start()
         return t
 
+    def served_adapters(self) -> dict[str, str | None] | None:
+        """{line: adapter version served} (None: base model); None when not following the registry."""
+        return None if self.adapters is None else {ln: self.adapters.adapter_for(ln)[1] for ln in self.adapters.lines}
+
+    def served_banks(self) -> dict[str, str | None] | None:
+        """{memory line: bank version served} (None: no bank, answered 503); None without memory lines."""
+        return None if self.memory is None else {ln: self.memory.following(ln) for ln in self.memory.lines}
+
     def observe_versions(self) -> None:
         """Set the version gauges to what is served now (read at each scrape: the registries move on their own)."""
         m = self.metrics
-        m.adapter_version.clear()
-        m.bank_version.clear()
-        if self.adapters is not None:
-            for ln in self.adapters.lines:
-                m.adapter_version.labels(ln, self.adapters.adapter_for(ln)[1] or "none").set(1)
-        if self.memory is not None:
-            for ln in self.memory.lines:
-                m.bank_version.labels(ln, self.memory.following(ln) or "none").set(1)
+        for gauge, served in ((m.adapter_version, self.served_adapters()), (m.bank_version, self.served_banks())):
+            gauge.clear()
+            for ln, version in (served or {}).items():
+                gauge.labels(ln, version or "none").set(1)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         checks: dict[str, Any] = {"model_loaded": self.inspector is not None, "stopping": self.stopping,
@@ -281,12 +285,12 @@ class ServeState:
             checks["load_error"] = self.load_error
         if self.publisher is not None:
             checks["redis_up"] = self.publisher.ping()
-        if self.adapters is not None:
-            checks["adapters"] = {ln: self.adapters.adapter_for(ln)[1] for ln in self.adapters.lines}
+        if (adapters := self.served_adapters()) is not None:
+            checks["adapters"] = adapters
         elif self.adapter_note is not None:
             checks["adapters"] = self.adapter_note
-        if self.memory is not None:  # None: no bank yet, that line is answered 503
-            checks["banks"] = {ln: self.memory.following(ln) for ln in self.memory.lines}
+        if (banks := self.served_banks()) is not None:  # None: no bank yet, that line is answered 503
+            checks["banks"] = banks
             if self.memory_note is not None and not any(checks["banks"].values()):
                 checks["banks_note"] = self.memory_note
         ok = checks["model_loaded"] and checks["batcher_alive"] and not self.stopping
