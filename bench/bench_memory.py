@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.adaptation.memory_bank import (  # noqa: E402
+from pipeline.adaptation.memory.bank import (  # noqa: E402
     BankScales,
     BankTarget,
     FrameRecord,
@@ -112,7 +112,7 @@ def builds(params: MemoryParams, frames: int, patches: int, width: int) -> dict[
     build_bank("line", records, params, target, parent=parent)
     out["build_s"] = time.perf_counter() - t0
     # stream: the same frames arrive one by one (block reductions), then the refresh
-    from pipeline.adaptation.memory_bank import StreamMemory
+    from pipeline.adaptation.memory.bank import StreamMemory
 
     st = StreamMemory.__new__(StreamMemory)  # the bookkeeping only: no Inspector needed to add rows
     st.params, st.target, st.line_id = params, target, "line"

@@ -43,11 +43,11 @@ sys.path.insert(0, str(REPO))
 # busy host. Set before torch is imported; the worker subprocess inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pipeline import stack  # noqa: E402
 from pipeline.inspection.imaging import decode_image  # noqa: E402
-from pipeline.redis_client import make_redis  # noqa: E402
 from pipeline.redis_keys import RedisKeys  # noqa: E402
+from pipeline.services.redis_client import make_redis  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
+from pipeline.streaming import local_stack as stack  # noqa: E402
 from pipeline.streaming.frame_sources import SourceFrame, encode  # noqa: E402
 from pipeline.streaming.kafka_io import ensure_topics  # noqa: E402
 

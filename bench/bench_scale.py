@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from bench.bench_pipeline import cpu_seconds, log, render_frames, results_for  # noqa: E402
-from pipeline import stack  # noqa: E402
-from pipeline.redis_client import make_redis  # noqa: E402
 from pipeline.redis_keys import RedisKeys  # noqa: E402
+from pipeline.services.redis_client import make_redis  # noqa: E402
 from pipeline.settings import Settings, load_settings  # noqa: E402
+from pipeline.streaming import local_stack as stack  # noqa: E402
 from pipeline.streaming.kafka_io import ensure_topics  # noqa: E402
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")

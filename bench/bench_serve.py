@@ -31,12 +31,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import stack  # noqa: E402
 from pipeline.evaluation import synth  # noqa: E402
 from pipeline.inspection.imaging import decode_image  # noqa: E402
 from pipeline.inspection.inspector import Inspector  # noqa: E402
 from pipeline.inspection.runtimes import read_cpu_info  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
+from pipeline.streaming import local_stack as stack  # noqa: E402
 from pipeline.streaming.frame_sources import encode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.adaptation.registry import AdapterRegistry  # noqa: E402
-from pipeline.adaptation.service import AdapterService  # noqa: E402
+from pipeline.adaptation.tta.service import AdapterService  # noqa: E402
 from pipeline.evaluation import synth  # noqa: E402
 from pipeline.inspection.inspector import Inspector  # noqa: E402
 from pipeline.model import create_anoclip  # noqa: E402

@@ -119,7 +119,7 @@ class RedisKeys:
     REGISTRY_KINDS = ("adapters", "banks")
     """`kind` of the registry keys above: TTA adapters, or the per-line patch-memory banks (docs/memory.md)."""
 
-    # --- operator labels on alerts (pipeline/labels.py) ----------------------------------------
+    # --- operator labels on alerts (pipeline/operators/labels.py) ----------------------------------------
     def label(self, frame_id: str) -> str:
         """Hash: an alert's acknowledgement, label (confirmed / false_alarm / unsure), defect type, comment,
         who and when. No TTL: labels outlive the frame's own keys."""

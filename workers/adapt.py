@@ -27,8 +27,8 @@ import torch
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from pipeline.adaptation.adapter_files import TrainingMeta, build_meta, save_adapter, target_for
-from pipeline.adaptation.buffered import BufferedTTA, input_resizer
+from pipeline.adaptation.tta.buffered import BufferedTTA, input_resizer
+from pipeline.adaptation.tta.files import TrainingMeta, build_meta, save_adapter, target_for
 from pipeline.errors import ConfigError, ImageError
 from pipeline.inspection.imaging import list_images, load_image
 from pipeline.inspection.inspector import Inspector

@@ -15,8 +15,8 @@ import sys
 
 from pipeline.adaptation.registry import AdapterRegistry, default_actor
 from pipeline.errors import AnoclipError
-from pipeline.redis_client import make_redis
 from pipeline.redis_keys import RedisKeys
+from pipeline.services.redis_client import make_redis
 from pipeline.settings import load_settings
 
 EXIT_REFUSED = 3

@@ -13,7 +13,7 @@ import os
 import sys
 
 from pipeline.errors import AnoclipError
-from pipeline.log_format import FORMATS, configure_logging
+from pipeline.observability.log_format import FORMATS, configure_logging
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

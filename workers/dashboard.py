@@ -14,7 +14,7 @@ import signal
 import threading
 
 from pipeline.dashboard.server import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, DashboardServer
-from pipeline.redaction import install_log_redaction, redact_url, register_secrets
+from pipeline.observability.redaction import install_log_redaction, redact_url, register_secrets
 from pipeline.settings import load_settings
 from workers.http_options import add_server_arguments, read_token
 

@@ -22,13 +22,13 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from pipeline import stack
 from pipeline.dashboard.server import DEFAULT_PORT
-from pipeline.describe import describe_regions
 from pipeline.errors import AnoclipError
-from pipeline.redis_client import make_redis
+from pipeline.operators.describe import describe_regions
 from pipeline.redis_keys import RedisKeys
+from pipeline.services.redis_client import make_redis
 from pipeline.settings import Settings, load_settings, resolve_config_path
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.frame_sources import SourceError, synthetic_frames, synthetic_kind
 from pipeline.streaming.producer import produce
 

@@ -13,10 +13,10 @@ import logging
 import sys
 
 from pipeline.errors import AnoclipError
-from pipeline.labels import LabelStore, export_folder, suggest_threshold
-from pipeline.log_format import log_context
-from pipeline.redis_client import make_redis
+from pipeline.observability.log_format import log_context
+from pipeline.operators.labels import LabelStore, export_folder, suggest_threshold
 from pipeline.redis_keys import RedisKeys
+from pipeline.services.redis_client import make_redis
 from pipeline.settings import load_settings
 
 log = logging.getLogger("anoclip.labels")

@@ -7,9 +7,9 @@ import argparse
 import logging
 import sys
 
-from pipeline import stack
 from pipeline.errors import AnoclipError
 from pipeline.settings import load_settings
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.frame_sources import camera_id, is_live, open_source, synthetic_kind
 from pipeline.streaming.producer import produce
 

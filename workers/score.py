@@ -11,7 +11,7 @@ The line: `--line` from the config, or `--class-name` (with `--domain`) for a cl
 with both, `--class-name` replaces the line's class name in the prompts. Thresholds: `--threshold` /
 `--pixel-threshold` set them; `--calibrate GOOD...` derives them from known-good images (the line's
 quantiles, or `--quantile`); else the config's, else the defaults. The image score decides each
-verdict; a mask that disagrees is reported in `pixel_verdict` / `verdict_note` (pipeline/describe.py).
+verdict; a mask that disagrees is reported in `pixel_verdict` / `verdict_note` (pipeline/operators/describe.py).
 
 `--adapter FILE` scores through a trained TTA adapter (checked against the model and line) and judges with
 the thresholds the file carries (calibrated on its held-out frames, as a registry version's; docs/tta.md):
@@ -34,10 +34,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.describe import verdict_agreement, verdict_note
 from pipeline.errors import AnoclipError, ConfigError, ImageError
 from pipeline.inspection.imaging import IMAGE_SUFFIXES, list_images
-from pipeline.log_format import log_context
+from pipeline.observability.log_format import log_context
+from pipeline.operators.describe import verdict_agreement, verdict_note
 from pipeline.settings import LineSettings, Settings, load_settings
 
 log = logging.getLogger("anoclip.score")
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter is not None and tta == "per_frame":
         raise ConfigError("--adapter and --tta per_frame exclude each other: per-frame TTA trains its own adapters")
 
-    from pipeline.adaptation.adapter_files import load_adapter, target_for
+    from pipeline.adaptation.tta.files import load_adapter, target_for
     from pipeline.inspection.imaging import load_image
     from pipeline.inspection.inspector import Inspector
     from pipeline.inspection.render import heatmap_png, mask_png

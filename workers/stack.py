@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline import stack
 from pipeline.settings import load_settings
+from pipeline.streaming import local_stack as stack
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import argparse
 import logging
 import os
 
-from pipeline.log_format import use_json_logs
+from pipeline.observability.log_format import use_json_logs
 from pipeline.settings import load_settings
 
 

@@ -3,7 +3,7 @@
 `DashboardServer` serves its pages (no front-end build step, no external assets), a small JSON API, a
 server-sent-events feed fed by the Redis pub/sub channel and Prometheus series at `/metrics`. The
 workers' outputs are only read; operators' acknowledgements, labels and comments on alerts are written
-through `pipeline.labels`.
+through `pipeline.operators.labels`.
 """
 
 from pipeline.dashboard.server import DEFAULT_PORT, HEALTH_PATH, READY_PATH, TOKEN_ENV, DashboardServer

@@ -15,7 +15,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pipeline.labels import LABELS
+from pipeline.operators.labels import LABELS
 
 if TYPE_CHECKING:
     from pipeline.dashboard.server import DashboardServer

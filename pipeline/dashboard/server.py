@@ -9,7 +9,7 @@ Tokens: one or more `name:secret` pairs (commas or new lines between them; a bar
 accepted as `Authorization: Bearer`, or once as `?token=`, which sets a cookie holding an HMAC of the
 token (never the token itself; HttpOnly, SameSite=Strict) and redirects to the same page without it.
 
-Guards (`pipeline.http_auth.AccessGuard`, before any route): only `Host` headers that are IP addresses,
+Guards (`pipeline.web.auth.AccessGuard`, before any route): only `Host` headers that are IP addresses,
 `localhost` or listed in `dashboard.allowed_hosts` are answered (DNS rebinding); a client presenting
 `dashboard.guess_limit` wrong tokens within `guess_window_s` is refused unchecked (429) until the window
 passes, and one client's token checks run one at a time, so parallel guessing is as slow as serial guessing.
@@ -45,8 +45,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline import http_auth
-from pipeline.asgi_thread import ThreadedServer, bind
 from pipeline.dashboard.live import CLOSE, Event, LiveFeed
 from pipeline.dashboard.metrics import DashboardCollector
 from pipeline.dashboard.store import (
@@ -60,7 +58,11 @@ from pipeline.dashboard.store import (
     DashboardStore,
 )
 from pipeline.errors import ConfigError
-from pipeline.http_auth import (  # noqa: F401 - part of this module's API (tests, callers)
+from pipeline.operators.labels import LabelError
+from pipeline.settings import Settings
+from pipeline.web import auth as http_auth
+from pipeline.web.asgi import ThreadedServer, bind
+from pipeline.web.auth import (  # noqa: F401 - part of this module's API (tests, callers)
     AccessGuard,
     AccessPolicy,
     GuessLimiter,
@@ -69,8 +71,6 @@ from pipeline.http_auth import (  # noqa: F401 - part of this module's API (test
     is_ip,
     is_loopback,
 )
-from pipeline.labels import LabelError
-from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 

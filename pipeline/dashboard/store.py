@@ -1,7 +1,7 @@
 """Views of the Redis outputs, shaped for the dashboard, and the operators' labels.
 
 Every key comes from `RedisKeys`. The workers' outputs are only read; the one thing written is what
-operators say about alerts, through `pipeline.labels.LabelStore`. Stream entries are decoded generically
+operators say about alerts, through `pipeline.operators.labels.LabelStore`. Stream entries are decoded generically
 (JSON values parsed, numbers typed) and then given a few normalised fields the page relies on (`ts_ms`,
 `frame_id`, `anomalous`, `region_text`), so the page keeps working if the publisher adds fields.
 """
@@ -22,10 +22,10 @@ import redis
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.describe import describe_regions, verdict_note
-from pipeline.labels import AlertFacts, LabelStore, sniff_content_type, suggest_threshold
-from pipeline.redis_client import make_redis
+from pipeline.operators.describe import describe_regions, verdict_note
+from pipeline.operators.labels import AlertFacts, LabelStore, sniff_content_type, suggest_threshold
 from pipeline.redis_keys import FRAME_ID_RE, RedisKeys  # noqa: F401  (FRAME_ID_RE: the shared frame-id rule)
+from pipeline.services.redis_client import make_redis
 from pipeline.settings import Settings
 from pipeline.streaming.records import FrameResult, is_anomalous_verdict
 

@@ -7,7 +7,7 @@ runs in a prefetch thread so it overlaps the model. The records and files of the
 `pipeline.evaluation.report`.
 
 A `Scorer` is the hook for test-time adaptation: `off` scores frames with the Inspector as they
-are; `per_frame` and `buffered` come from `pipeline.adaptation.buffered.eval_scorer` (see `make_scorer`)
+are; `per_frame` and `buffered` come from `pipeline.adaptation.tta.buffered.eval_scorer` (see `make_scorer`)
 and see the same stream, class by class, through `begin_class` / `score` / `end_class`.
 """
 
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.adaptation.buffered import eval_scorer
-from pipeline.adaptation.memory_bank import MemoryParams
+from pipeline.adaptation.memory.bank import MemoryParams
+from pipeline.adaptation.tta.buffered import eval_scorer
 from pipeline.errors import AnoclipError, ImageError
 from pipeline.evaluation.datasets import (
     PROTOCOL_SIDE,

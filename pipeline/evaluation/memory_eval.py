@@ -3,7 +3,7 @@
 * `off` — zero-shot, the loop's own scorer (not here).
 * `train` — a bank from the class's normal training images (`--shots K` of them, default all).
 * `mutual` — no training images: the class's test images mutually scored against each other (MuSc).
-* `stream` — causal, as a worker runs it (`pipeline.adaptation.memory_bank.StreamMemory`): each frame is
+* `stream` — causal, as a worker runs it (`pipeline.adaptation.memory.bank.StreamMemory`): each frame is
   scored with a bank built only from earlier frames of the stream, or by mutual scoring over the
   frames just before it while the line has no bank.
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.adaptation.memory_bank import (
+from pipeline.adaptation.memory.bank import (
     MemoryParams,
     StreamMemory,
     bank_from_images,

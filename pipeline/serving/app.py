@@ -31,22 +31,22 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
-from pipeline.adaptation.memory_service import MemoryService, NoBankError
+from pipeline.adaptation.memory.service import MemoryService, NoBankError
 from pipeline.adaptation.registry import AdapterRegistry
-from pipeline.adaptation.service import AdapterService
+from pipeline.adaptation.tta.service import AdapterService
 from pipeline.errors import ConfigError, ImageError, UnknownLineError
-from pipeline.http_auth import AccessGuard, AccessPolicy, require_token_off_loopback, token_rule
 from pipeline.inspection.imaging import GeometryLimits, decode_image
 from pipeline.inspection.inspector import Inspection, Inspector
 from pipeline.inspection.render import heatmap_png, mask_png
-from pipeline.redaction import redact_url
-from pipeline.redis_client import RETRYABLE, make_redis
+from pipeline.observability.redaction import redact_url
 from pipeline.redis_keys import RedisKeys
+from pipeline.services.redis_client import RETRYABLE, make_redis
 from pipeline.serving.batcher import InspectionBatcher
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
 from pipeline.streaming.records import FrameResult
 from pipeline.streaming.redis_io import FrameOutput, ResultPublisher
+from pipeline.web.auth import AccessGuard, AccessPolicy, require_token_off_loopback, token_rule
 
 log = logging.getLogger("anoclip.serve")
 

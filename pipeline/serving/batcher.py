@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.adaptation.memory_service import MemoryService, NoBankError
+from pipeline.adaptation.memory.service import MemoryService, NoBankError
 from pipeline.inspection.inspector import Inspection, Inspector
 from pipeline.inspection.render import bounded_size
 

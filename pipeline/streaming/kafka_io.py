@@ -14,7 +14,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from pipeline.redaction import install_log_redaction, register_secrets
+from pipeline.observability.redaction import install_log_redaction, register_secrets
 from pipeline.settings import KafkaSettings
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.describe import verdict_note
+from pipeline.operators.describe import verdict_note
 from pipeline.streaming.envelope import FrameMeta
 
 if TYPE_CHECKING:  # the dashboard reads records without loading torch
@@ -110,7 +110,7 @@ class FrameResult:
         if self.synthetic_defect is not None:
             d["synthetic_defect"] = self.synthetic_defect
         note = verdict_note(self.anomalous, self.defect_area, self.width, self.height)
-        if note:  # the image score decides; a mask that disagrees is said so (pipeline/describe.py)
+        if note:  # the image score decides; a mask that disagrees is said so (pipeline/operators/describe.py)
             d["verdict_note"] = note
         return d
 

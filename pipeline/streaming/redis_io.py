@@ -28,9 +28,9 @@ from typing import Any
 import redis
 
 from pipeline.errors import ConfigError
-from pipeline.redaction import redact_url
-from pipeline.redis_client import RETRYABLE, make_redis, redis_problem
+from pipeline.observability.redaction import redact_url
 from pipeline.redis_keys import RedisKeys
+from pipeline.services.redis_client import RETRYABLE, make_redis, redis_problem
 from pipeline.settings import RedisSettings
 from pipeline.streaming.records import FrameResult
 

@@ -30,9 +30,9 @@ import yaml
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import stack
 from pipeline.redis_keys import RedisKeys
 from pipeline.settings import Settings, load_settings
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.frame_sources import SourceFrame, encode
 from pipeline.streaming.kafka_io import consumer_config, ensure_topics
 from tests.conftest import TINY_LINES

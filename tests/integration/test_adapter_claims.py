@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.adaptation.adapter_files import build_meta, from_bytes, target_for, to_bytes
 from pipeline.adaptation.registry import AdapterRegistry
-from pipeline.adaptation.service import AdapterService
+from pipeline.adaptation.tta.files import build_meta, from_bytes, target_for, to_bytes
+from pipeline.adaptation.tta.service import AdapterService
 from pipeline.inspection.inspector import Inspector
 from pipeline.redis_keys import RedisKeys
 from tests.conftest import make_tiny_settings

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import stack
 from pipeline.inspection.imaging import decode_image
 from pipeline.settings import load_settings
 from pipeline.streaming import envelope as env
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.frame_sources import LiveSource
 from pipeline.streaming.producer import produce
 from tests.integration.conftest import Broker, RedisServer, make_pipeline_config, read_topic, wait_for

@@ -37,11 +37,11 @@ import redis
 import yaml
 from PIL import Image
 
-from pipeline import stack
 from pipeline.adaptation.registry import AdapterRegistry
 from pipeline.dashboard.server import TOKEN_ENV
 from pipeline.evaluation import synth
 from pipeline.redis_keys import RedisKeys
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.frame_sources import SourceFrame, encode
 from pipeline.streaming.kafka_io import ensure_topics
 from pipeline.streaming.producer import FrameProducer

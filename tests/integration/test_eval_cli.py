@@ -224,7 +224,7 @@ def test_eval_cli_folder_without_masks(tmp_path: Path, mvtec_tree: Path, text_ca
 def test_eval_runs_the_tta_modes_with_the_tiny_model(
     mode: str, tmp_path: Path, mvtec_tree: Path, tiny_settings: Settings
 ) -> None:
-    """The real TTA scorers (pipeline.adaptation.buffered) through the harness: image scores untouched
+    """The real TTA scorers (pipeline.adaptation.tta.buffered) through the harness: image scores untouched
     (docs/algorithm.md §5.1)."""
     from pipeline.evaluation.datasets import read_mvtec
 

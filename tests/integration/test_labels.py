@@ -21,7 +21,7 @@ from pipeline.dashboard.server import DashboardServer
 from pipeline.dashboard.store import DashboardStore
 from pipeline.evaluation.datasets import read_folder
 from pipeline.inspection.render import encode_png, mask_png
-from pipeline.labels import CONFIRMED, FALSE_ALARM, LabelStore
+from pipeline.operators.labels import CONFIRMED, FALSE_ALARM, LabelStore
 from pipeline.settings import Settings, load_settings
 from pipeline.streaming.records import FrameResult
 from pipeline.streaming.redis_io import FrameOutput, ResultPublisher

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from pipeline.adaptation.registry import AdapterRegistry
-from pipeline.adaptation.service import AdapterService
+from pipeline.adaptation.tta.service import AdapterService
 from pipeline.inspection.inspector import Inspector
 from pipeline.inspection.render import encode_png, mask_png
-from pipeline.labels import CONFIRMED, FALSE_ALARM, AlertFacts, LabelStore
+from pipeline.operators.labels import CONFIRMED, FALSE_ALARM, AlertFacts, LabelStore
 from pipeline.redis_keys import RedisKeys
 from tests.conftest import make_tiny_settings
 from tests.integration.conftest import RedisServer

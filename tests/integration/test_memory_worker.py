@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.adaptation.memory_service import COLD_START_KEY, MemoryService
+from pipeline.adaptation.memory.service import COLD_START_KEY, MemoryService
 from pipeline.adaptation.registry import AdapterRegistry, TrainerLock
 from pipeline.evaluation import synth
 from pipeline.inspection.inspector import Inspector
+from pipeline.observability.telemetry import WorkerTelemetry
 from pipeline.streaming.envelope import build_headers
 from pipeline.streaming.frame_sources import encode
 from pipeline.streaming.producer import FrameProducer
-from pipeline.telemetry import WorkerTelemetry
 from tests.conftest import make_tiny_settings
 from tests.integration.conftest import Pipeline, wait_for
 from workers.cli import main

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.dashboard.server import DashboardServer
 from pipeline.dashboard.store import DashboardStore
-from pipeline.labels import CONFIRMED, FALSE_ALARM
+from pipeline.operators.labels import CONFIRMED, FALSE_ALARM
 from pipeline.streaming.producer import FrameProducer
 from tests.integration.conftest import Pipeline, synthetic_frame, wait_for
 from tests.unit.test_observability import PROMETHEUS_OWN, expressions, metric_names

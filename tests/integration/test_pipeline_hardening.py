@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import stack
 from pipeline.streaming import envelope as env
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.kafka_io import ensure_topics
 from pipeline.streaming.producer import FrameProducer
 from tests.integration.conftest import (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import stack
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.kafka_io import ensure_topics
 from pipeline.streaming.producer import FrameProducer
 from tests.integration.conftest import Broker, Pipeline, RedisServer, make_pipeline_config, synthetic_frame, wait_for

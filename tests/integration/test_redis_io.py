@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 
-from pipeline.redis_client import RETRYABLE
+from pipeline.services.redis_client import RETRYABLE
 from pipeline.settings import RedisSettings
-from pipeline.stack import free_port, start_redis, stop_redis
 from pipeline.streaming import redis_io
+from pipeline.streaming.local_stack import free_port, start_redis, stop_redis
 from pipeline.streaming.records import FrameResult
 from pipeline.streaming.redis_io import CONFLICT, DUPLICATE, WRITTEN, FrameOutput, ResultPublisher, manual_override
 from tests.integration.conftest import RedisServer

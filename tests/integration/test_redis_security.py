@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline import stack
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.kafka_io import ensure_topics
 from pipeline.streaming.producer import FrameProducer
 from tests.integration.conftest import (

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.adaptation.adapter_files import build_meta, save_adapter, target_for
+from pipeline.adaptation.tta.files import build_meta, save_adapter, target_for
 from pipeline.inspection.inspector import Inspector
 from pipeline.model.adapters import create_adapter
 from pipeline.settings import load_settings

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import stack
 from pipeline.redis_keys import RedisKeys
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.frame_sources import encode
 from tests.conftest import TINY_LINES
 from tests.integration.conftest import RedisServer, wait_for

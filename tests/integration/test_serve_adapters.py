@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import stack
-from pipeline.adaptation.adapter_files import build_meta, target_for, to_bytes
 from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.tta.files import build_meta, target_for, to_bytes
 from pipeline.inspection.imaging import decode_image
 from pipeline.inspection.inspector import Inspector
 from pipeline.model.adapters import create_adapter
 from pipeline.redis_keys import RedisKeys
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.frame_sources import encode
 from tests.conftest import make_tiny_settings
 from tests.integration.conftest import RedisServer, served_versions, serving, wait_for

@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import stack
-from pipeline.adaptation.memory_bank import MemoryParams, bank_from_images, to_bytes
-from pipeline.adaptation.memory_service import MemoryService
+from pipeline.adaptation.memory.bank import MemoryParams, bank_from_images, to_bytes
+from pipeline.adaptation.memory.service import MemoryService
 from pipeline.adaptation.registry import AdapterRegistry
 from pipeline.evaluation import synth
 from pipeline.inspection.imaging import decode_image
@@ -25,6 +24,7 @@ from pipeline.inspection.inspector import Inspector
 from pipeline.redis_keys import RedisKeys
 from pipeline.serving.app import NO_BANK_RETRY_S, ServeState, create_app
 from pipeline.settings import Settings
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.frame_sources import encode
 from tests.conftest import make_tiny_settings
 from tests.integration.conftest import RedisServer, served_versions, serving, wait_for

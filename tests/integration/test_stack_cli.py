@@ -13,9 +13,9 @@ import pytest
 import redis
 import yaml
 
-from pipeline import stack
 from pipeline.settings import load_settings
 from pipeline.streaming import envelope as env
+from pipeline.streaming import local_stack as stack
 from pipeline.streaming.frame_sources import encode
 from tests.integration.conftest import REPO, TANSU_CACHE, Broker, RedisServer, make_pipeline_config, read_topic
 

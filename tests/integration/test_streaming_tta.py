@@ -11,7 +11,7 @@ import pytest
 import redis as redis_lib
 
 from pipeline.adaptation.registry import AdapterRegistry
-from pipeline.adaptation.service import AdapterService
+from pipeline.adaptation.tta.service import AdapterService
 from pipeline.inspection.inspector import Inspector
 from pipeline.model import create_anoclip
 from pipeline.redis_keys import RedisKeys

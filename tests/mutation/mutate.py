@@ -46,7 +46,7 @@ MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
     "metrics": (["pipeline/evaluation/metrics.py"],
                 ["tests/unit/test_metrics.py", "tests/unit/test_claims_metrics.py", "tests/unit/test_properties.py"],
                 []),
-    "adapter_files": (["pipeline/adaptation/adapter_files.py"],
+    "adapter_files": (["pipeline/adaptation/tta/files.py"],
                       ["tests/unit/test_adapter_files.py", "tests/unit/test_claims_adapter_files.py",
                        "tests/unit/test_claims_gate.py"], []),
     "registry": (["pipeline/adaptation/registry.py"],

@@ -12,8 +12,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pipeline.adaptation.buffered import BufferedTTA
 from pipeline.adaptation.synthetic import KINDS, cutpaste, perlin_paste, synthetic_anomaly
+from pipeline.adaptation.tta.buffered import BufferedTTA
 from pipeline.inspection.inspector import Inspector
 from pipeline.model.self_training import (
     GateRule,
@@ -226,7 +226,7 @@ def test_after_a_promotion_the_pixel_threshold_is_the_versions_and_a_planted_def
 def test_eval_scorer_serves_a_batchs_later_frames_with_what_a_mid_batch_refresh_promoted(
     text_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.adaptation.buffered import eval_scorer
+    from pipeline.adaptation.tta.buffered import eval_scorer
 
     # wiring only: a gate that lets every finite candidate through (random weights make its verdicts coin tosses)
     tiny = Inspector.from_settings(make_tiny_settings(text_cache_dir, tta={

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from pipeline.adaptation.adapter_files import (
+from pipeline.adaptation.tta.files import (
     AdapterTarget,
     build_meta,
     from_bytes,

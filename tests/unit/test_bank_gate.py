@@ -1,7 +1,7 @@
-"""The memory bank gate (pipeline/adaptation/memory_bank.py `gate_bank`, docs/memory.md *The bank gate*): a candidate
+"""The memory bank gate (pipeline/adaptation/memory/bank.py `gate_bank`, docs/memory.md *The bank gate*): a candidate
 bank is judged on held-out frames it has never seen, with synthetic defects pasted into them as labelled positives;
 a bank that learned the defects as normal, or whose scales put normal frames far from z = 0, is refused. And the
-worker's side (pipeline/adaptation/memory_service.py): the time split, refusals counted, held-out rows carried."""
+worker's side (pipeline/adaptation/memory/service.py): the time split, refusals counted, held-out rows carried."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.adaptation import memory_bank as mb
-from pipeline.adaptation.memory_service import MemoryService
+from pipeline.adaptation.memory import bank as mb
+from pipeline.adaptation.memory.service import MemoryService
 from pipeline.adaptation.synthetic import synthetic_anomaly
 from pipeline.errors import ConfigError
 from pipeline.evaluation import synth
 from pipeline.inspection.inspector import Inspector
 from pipeline.model.memory import ScoreScale
 from pipeline.model.self_training import stream_seed
-from pipeline.telemetry import WorkerTelemetry
+from pipeline.observability.telemetry import WorkerTelemetry
 from tests.conftest import make_tiny_settings
 
 LINE = "wood"

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as st_save
 
-from pipeline.adaptation.adapter_files import (
+from pipeline.adaptation.tta.files import (
     AdapterTarget,
     TrainingMeta,
     build_meta,

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.adaptation.adapter_files import AdapterTarget, build_meta, from_bytes, to_bytes
+from pipeline.adaptation.tta.files import AdapterTarget, build_meta, from_bytes, to_bytes
 from pipeline.errors import AdapterMismatchError
 from pipeline.model.adapters import create_adapter
 from pipeline.model.self_training import (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.adaptation.buffered import BufferedTTA, replay_buffered
+from pipeline.adaptation.tta.buffered import BufferedTTA, replay_buffered
 from pipeline.inspection.inspector import Inspector
 from tests.conftest import make_tiny_settings
 

@@ -20,6 +20,7 @@ from kafka import TopicPartition
 from PIL import Image
 
 from pipeline.inspection.inspector import Inspector
+from pipeline.observability.telemetry import Health, WorkerTelemetry
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
 from pipeline.streaming.worker import InspectionWorker
@@ -28,7 +29,6 @@ from pipeline.streaming.worker.frames import Batch, DlqFailed, Done, Frame
 from pipeline.streaming.worker.housekeeping import Housekeeping
 from pipeline.streaming.worker.publishing import RedisStatus
 from pipeline.streaming.worker.scoring import BatchScorer
-from pipeline.telemetry import Health, WorkerTelemetry
 from tests.conftest import make_tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import stack
-from pipeline.log_format import configure_logging, log_context
+from pipeline.observability.log_format import configure_logging, log_context
+from pipeline.streaming import local_stack as stack
 from workers.cli import main, version
 
 

@@ -237,7 +237,7 @@ def test_metrics_need_no_token_and_have_no_nan_or_created_series(server: Dashboa
 
 
 def test_region_descriptions_and_verdict_notes_read_like_sentences() -> None:
-    from pipeline.describe import describe_regions, verdict_note
+    from pipeline.operators.describe import describe_regions, verdict_note
 
     regs = [{"area": 300, "box": [10, 5, 40, 15]}, {"area": 4500, "box": [0, 0, 90, 50]}]
     assert describe_regions(regs, 400, 300) == "2 regions, largest 3.8% of frame, upper left"

@@ -26,10 +26,10 @@ import yaml
 
 from pipeline.dashboard.server import DEFAULT_PORT, HEALTH_PATH, READY_PATH, TOKEN_ENV, DashboardServer
 from pipeline.dashboard.store import DashboardStore
-from pipeline.redis_client import make_redis
+from pipeline.observability.telemetry import Health, TelemetryServer, WorkerTelemetry
+from pipeline.services.redis_client import make_redis
 from pipeline.settings import CONFIG_ENV, Settings, load_settings
 from pipeline.streaming.kafka_io import client_config
-from pipeline.telemetry import Health, TelemetryServer, WorkerTelemetry
 from workers.cli import COMMANDS
 from workers.serve import TOKEN_ENV as SERVE_TOKEN_ENV
 
@@ -649,7 +649,7 @@ def test_serve_probes_and_token_hit_the_real_endpoints(tmp_path: Path) -> None:
     import uvicorn
 
     from pipeline.serving.app import OPEN_PATHS, ServeState, create_app
-    from pipeline.stack import free_port
+    from pipeline.streaming.local_stack import free_port
 
     k8s = [c for c in k8s_containers() if _parse_cli(c.argv)[0] == "serve"]
     composed = [c for c in compose_containers() if _parse_cli(c.argv)[0] == "serve"]

@@ -14,7 +14,11 @@ PIPELINE = ROOT / "pipeline"
 
 # A module may import modules of its own wing or of a lower rank.
 RANKS = {
-    "base": 0,  # pipeline.settings, errors, redis_keys, redis_client, telemetry, http_auth, asgi_thread, log_format
+    "base": 0,  # the loose modules every wing needs: pipeline.settings, errors, redis_keys
+    "operators": 0.1,  # what operators say and read: alert labels, words for regions and verdicts
+    "web": 0.2,  # access checks and the uvicorn thread shared by the dashboard and serve
+    "observability": 0.3,  # Prometheus series and health endpoints, log lines, secret redaction
+    "services": 0.4,  # connecting to Redis (TLS, ACL users, secrets)
     "model": 1,
     "inspection": 2,
     "adaptation": 3,
@@ -22,7 +26,6 @@ RANKS = {
     "streaming": 5,
     "dashboard": 6,
     "serving": 6,  # the HTTP inspection API (anoclip serve)
-    "stack": 6,
 }
 MODEL_MAY_IMPORT = {"torch", "open_clip", "numpy", "pipeline.errors", "pipeline.settings"}
 

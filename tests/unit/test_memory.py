@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.adaptation import memory_bank as mb
-from pipeline.adaptation.memory_bank import (
+from pipeline.adaptation.memory import bank as mb
+from pipeline.adaptation.memory.bank import (
     BankTarget,
     MemoryBankError,
     MemoryParams,

@@ -1,4 +1,4 @@
-"""The patch memory as a worker runs it (pipeline/adaptation/memory_service.py): cold start, builds handed off the
+"""The patch memory as a worker runs it (pipeline/adaptation/memory/service.py): cold start, builds handed off the
 scoring path and swapped in between batches, thresholds per bank version, the metrics; and the pieces around it
 (the bank thresholds, the shared safetensors header reader, `FrameResult.bank_version`, `lines[].memory`)."""
 
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.adaptation import adapter_files
-from pipeline.adaptation import memory_bank as mb
-from pipeline.adaptation.memory_service import BUILDER_NICE, COLD_START_KEY, MemoryService, threshold_key
+from pipeline.adaptation.memory import bank as mb
+from pipeline.adaptation.memory.service import BUILDER_NICE, COLD_START_KEY, MemoryService, threshold_key
+from pipeline.adaptation.tta import files as adapter_files
 from pipeline.errors import AdapterMismatchError, ConfigError
 from pipeline.evaluation import synth
 from pipeline.inspection.inspector import Inspector
+from pipeline.observability.telemetry import WorkerTelemetry
 from pipeline.streaming.records import FrameResult
-from pipeline.telemetry import WorkerTelemetry
 from tests.conftest import make_tiny_settings
 
 LINE = "wood"

@@ -16,7 +16,7 @@ from typing import Any
 import promql_parser
 import yaml
 
-from pipeline.telemetry import DLQ_STAGES, WorkerTelemetry
+from pipeline.observability.telemetry import DLQ_STAGES, WorkerTelemetry
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.adaptation.buffered import BufferedTTA, positive_counts
-from pipeline.adaptation.service import operator_frames
+from pipeline.adaptation.tta.buffered import BufferedTTA, positive_counts
+from pipeline.adaptation.tta.service import operator_frames
 from pipeline.inspection.render import encode_png, mask_png
-from pipeline.labels import CONFIRMED, FALSE_ALARM, UNSURE, AlertLabel
 from pipeline.model.self_training import LabelledFrame, TokenSet, validate_adapter
+from pipeline.operators.labels import CONFIRMED, FALSE_ALARM, UNSURE, AlertLabel
 from pipeline.settings import TTASettings
 from tests.unit.test_tta import C, Line, P
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.redaction import MASK, redact, redact_url, register_secrets
-from pipeline.redis_client import make_redis
+from pipeline.observability.redaction import MASK, redact, redact_url, register_secrets
+from pipeline.services.redis_client import make_redis
 from pipeline.settings import KafkaSettings, RedisSettings
-from pipeline.stack import free_port, redis_answers
 from pipeline.streaming.kafka_io import client_config
+from pipeline.streaming.local_stack import free_port, redis_answers
 
 REPO = Path(__file__).resolve().parents[2]
 

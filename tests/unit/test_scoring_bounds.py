@@ -18,11 +18,11 @@ from kafka import TopicPartition
 from PIL import Image
 
 from pipeline.inspection.inspector import Inspector
+from pipeline.observability.telemetry import WorkerTelemetry
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
 from pipeline.streaming.worker.frames import Batch, Frame
 from pipeline.streaming.worker.scoring import BatchScorer
-from pipeline.telemetry import WorkerTelemetry
 from tests.conftest import make_tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

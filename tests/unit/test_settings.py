@@ -85,7 +85,7 @@ def test_unknown_line(tmp_path: Path) -> None:
 
 
 def test_redis_tls_ca_needs_a_tls_url() -> None:
-    from pipeline.redis_client import make_redis
+    from pipeline.services.redis_client import make_redis
     from pipeline.settings import RedisSettings
 
     with pytest.raises(ConfigError, match="rediss://"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import stack
+from pipeline.streaming import local_stack as stack
 
 
 def test_stop_pid_refuses_a_pid_running_something_else(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from pipeline.telemetry import Health, TelemetryServer, WorkerTelemetry
+from pipeline.observability.telemetry import Health, TelemetryServer, WorkerTelemetry
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:

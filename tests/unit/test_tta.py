@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.adaptation.buffered import BufferedTTA, eval_scorer, replay_buffered
-from pipeline.adaptation.token_buffer import TokenBuffer
+from pipeline.adaptation.tta.buffered import BufferedTTA, eval_scorer, replay_buffered
+from pipeline.adaptation.tta.token_buffer import TokenBuffer
 from pipeline.inspection.inspector import Inspector
 from pipeline.model.self_training import (
     AdmissionRule,

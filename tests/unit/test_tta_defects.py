@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.adaptation.token_buffer import TokenBuffer
+from pipeline.adaptation.tta.token_buffer import TokenBuffer
 from pipeline.model import self_training
 from pipeline.model.self_training import (
     AdmissionRule,
@@ -66,7 +66,7 @@ def test_eval_buffered_refreshes_on_a_dataset_sized_class_with_the_defaults(
 
 
 def test_eval_buffered_is_an_error_when_no_refresh_ran(small_class: Path, tiny_settings, tmp_path: Path) -> None:
-    from pipeline.adaptation.buffered import BufferedTTAError
+    from pipeline.adaptation.tta.buffered import BufferedTTAError
     from pipeline.evaluation.datasets import read_mvtec
     from pipeline.evaluation.loop import EvalOptions, run_eval
 

@@ -14,11 +14,11 @@ from typing import Any
 
 from kafka.errors import KafkaError
 
+from pipeline.observability.telemetry import WorkerTelemetry
 from pipeline.settings import KafkaSettings
 from pipeline.streaming import envelope
 from pipeline.streaming.kafka_io import make_producer
 from pipeline.streaming.worker.frames import DlqFailed, Done, Frame
-from pipeline.telemetry import WorkerTelemetry
 
 log = logging.getLogger("anoclip.worker")
 

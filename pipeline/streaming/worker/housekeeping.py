@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.inspection.inspector import Inspector
-from pipeline.redis_client import RETRYABLE
+from pipeline.observability.telemetry import WorkerTelemetry
+from pipeline.services.redis_client import RETRYABLE
 from pipeline.settings import Settings
 from pipeline.streaming.redis_io import ResultPublisher, manual_override
 from pipeline.streaming.worker.publishing import RedisStatus
-from pipeline.telemetry import WorkerTelemetry
 
 log = logging.getLogger("anoclip.worker")
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from kafka import TopicPartition
 
+from pipeline.observability.telemetry import Health, WorkerTelemetry
 from pipeline.settings import KafkaSettings
 from pipeline.streaming.kafka_io import make_consumer
-from pipeline.telemetry import Health, WorkerTelemetry
 
 log = logging.getLogger("anoclip.worker")
 

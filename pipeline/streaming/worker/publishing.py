@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.redis_client import RETRYABLE, describe_redis_error, redis_problem
+from pipeline.observability.telemetry import Health, WorkerTelemetry
+from pipeline.services.redis_client import RETRYABLE, describe_redis_error, redis_problem
 from pipeline.settings import WorkerSettings
 from pipeline.streaming import envelope
 from pipeline.streaming.redis_io import CONFLICT, WRITTEN, FrameOutput, ResultPublisher
 from pipeline.streaming.worker.frames import DlqFailed, Done, Frame
-from pipeline.telemetry import Health, WorkerTelemetry
 
 log = logging.getLogger("anoclip.worker")
 

@@ -11,9 +11,9 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from pipeline.observability.telemetry import Health, WorkerTelemetry
 from pipeline.streaming.offsets import OffsetBook
 from pipeline.streaming.worker.batching import LineBatcher
-from pipeline.telemetry import Health, WorkerTelemetry
 
 log = logging.getLogger("anoclip.worker")
 

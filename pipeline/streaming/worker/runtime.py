@@ -10,7 +10,7 @@ Threads, so the poll loop never blocks on work:
 - publisher (`publishing`): writes results to Redis (idempotent per frame id), retrying with backoff
   while Redis is down; a frame counts as finished only once it is in Redis.
 - housekeeping (`housekeeping`): heartbeat hash, threshold state and run-time overrides, Redis readiness.
-- memory-builder (`pipeline.adaptation.memory_service`, `memory: stream` lines only): builds and publishes
+- memory-builder (`pipeline.adaptation.memory.service`, `memory: stream` lines only): builds and publishes
   patch-memory banks and follows the registry's current bank; the scorer swaps banks in between batches.
 - lag (`lag`): consumer lag from the broker's end and committed offsets, on a client of its own (the
   poll thread's fetcher sees nothing while partitions are paused), and the broker's readiness.
@@ -37,12 +37,13 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.adaptation.memory_service import MemoryService
+from pipeline.adaptation.memory.service import MemoryService
 from pipeline.adaptation.registry import AdapterRegistry
-from pipeline.adaptation.service import AdapterService
+from pipeline.adaptation.tta.service import AdapterService
 from pipeline.errors import ConfigError
 from pipeline.inspection.inspector import Inspector
-from pipeline.redis_client import RETRYABLE
+from pipeline.observability.telemetry import Health, TelemetryServer, WorkerTelemetry
+from pipeline.services.redis_client import RETRYABLE
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
 from pipeline.streaming.envelope import EnvelopeError
@@ -57,7 +58,6 @@ from pipeline.streaming.worker.lag import LagMonitor
 from pipeline.streaming.worker.publishing import RedisStatus, ResultPublishing
 from pipeline.streaming.worker.rebalance import Rebalancer
 from pipeline.streaming.worker.scoring import BatchScorer
-from pipeline.telemetry import Health, TelemetryServer, WorkerTelemetry
 
 log = logging.getLogger("anoclip.worker")
 
@@ -190,7 +190,7 @@ class InspectionWorker:
         return False
 
     def _start_adapters(self, inspector: Inspector) -> None:
-        """Buffered TTA: serve each line's registry adapter and refresh it (`pipeline.adaptation.service`)."""
+        """Buffered TTA: serve each line's registry adapter and refresh it (`pipeline.adaptation.tta.service`)."""
         if self.settings.tta.mode != "buffered":
             return
         registry = AdapterRegistry(self.publisher.client, self.publisher.keys)
@@ -202,7 +202,7 @@ class InspectionWorker:
 
     def _start_memory(self, inspector: Inspector) -> None:
         """`memory: stream` lines: score with the line's patch memory, build banks off the scoring thread and
-        serve the registry's current bank (`pipeline.adaptation.memory_service`, docs/memory.md)."""
+        serve the registry's current bank (`pipeline.adaptation.memory.service`, docs/memory.md)."""
         lines = sorted(x.id for x in self.settings.lines if x.memory == "stream")
         if not lines:
             return

@@ -12,18 +12,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.adaptation.memory_service import MemoryService
-from pipeline.adaptation.service import AdapterService
+from pipeline.adaptation.memory.service import MemoryService
+from pipeline.adaptation.tta.service import AdapterService
 from pipeline.errors import ImageError
 from pipeline.inspection.imaging import GeometryLimits, decode_image
 from pipeline.inspection.inspector import Inspection, Inspector
 from pipeline.inspection.render import bounded_size, heatmap_png, mask_png
+from pipeline.observability.telemetry import WorkerTelemetry
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
 from pipeline.streaming.records import FrameResult
 from pipeline.streaming.redis_io import FrameOutput
 from pipeline.streaming.worker.frames import Batch, Frame
-from pipeline.telemetry import WorkerTelemetry
 
 log = logging.getLogger("anoclip.worker")
 
@@ -43,7 +43,7 @@ class BatchScorer:
     dead_letter: DeadLetter
     publish: queue.Queue[list[tuple[Frame, FrameOutput]] | None]
     memory: MemoryService | None = None
-    """The patch memory of `memory: stream` lines (`pipeline.adaptation.memory_service`); None: none has it."""
+    """The patch memory of `memory: stream` lines (`pipeline.adaptation.memory.service`); None: none has it."""
     limits: GeometryLimits = field(init=False)
     """Frame geometry checked from the header before decoding (refused frames go to the DLQ, stage decode)."""
 

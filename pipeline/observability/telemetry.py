@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from pipeline.asgi_thread import ThreadedServer, bind
+from pipeline.web.asgi import ThreadedServer, bind
 
 disable_created_metrics()  # `_created` series double every counter and histogram and no alert or panel uses them
 
@@ -172,7 +172,7 @@ class Health:
 
 
 class TelemetryServer:
-    """`/metrics`, `/healthz` (or `/livez`), `/readyz` on a background thread (`pipeline.asgi_thread`).
+    """`/metrics`, `/healthz` (or `/livez`), `/readyz` on a background thread (`pipeline.web.asgi`).
 
     The socket is bound here: a port in use raises `OSError` from the constructor, and `port` is the bound
     port (the one picked for port 0) before `start()`. uvicorn runs off the main thread, so the worker keeps

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline.adaptation.adapter_files import read_header_meta
-from pipeline.adaptation.buffered import input_resizer
 from pipeline.adaptation.synthetic import synthetic_anomaly
+from pipeline.adaptation.tta.buffered import input_resizer
+from pipeline.adaptation.tta.files import read_header_meta
 from pipeline.errors import AnoclipError, ConfigError
 from pipeline.inspection.inspector import Inspector, RawScore
 from pipeline.model import AnoCLIP, TileLayout

@@ -148,7 +148,7 @@ def read_header_meta(
 ) -> dict[str, Any]:
     """The JSON metadata under `meta_key` in a safetensors header (parses only the header, loads no tensors).
 
-    Shared by adapter files and memory banks (`pipeline.adaptation.memory_bank`): anything that is not
+    Shared by adapter files and memory banks (`pipeline.adaptation.memory.bank`): anything that is not
     safetensors, lacks the metadata, or has another format or format version raises `error`, whose message
     names the `noun` ("adapter file", "memory bank").
     """

@@ -38,7 +38,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline.errors import ConfigError
-from pipeline.labels import ACTOR_RE
+from pipeline.operators.labels import ACTOR_RE
 
 TOKEN_CHARS = r"A-Za-z0-9._~+/=\-"
 COOKIE_CONTEXT = b"anoclip-dashboard-cookie-v1"

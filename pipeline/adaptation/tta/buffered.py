@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.adaptation.adapter_files import adapter_id
 from pipeline.adaptation.synthetic import synthetic_anomaly
-from pipeline.adaptation.token_buffer import TokenBuffer
+from pipeline.adaptation.tta.files import adapter_id
+from pipeline.adaptation.tta.token_buffer import TokenBuffer
 from pipeline.errors import AnoclipError
 from pipeline.inspection.imaging import model_input_size
 from pipeline.inspection.inspector import Inspector, RawScore

@@ -33,15 +33,15 @@ import numpy as np
 import redis
 from PIL import Image
 
-from pipeline.adaptation.adapter_files import TrainingMeta, build_meta, from_bytes, target_for, to_bytes
-from pipeline.adaptation.buffered import BufferedTTA, admission_ceiling, report_figures
 from pipeline.adaptation.registry import AdapterRegistry, TrainerLock
+from pipeline.adaptation.tta.buffered import BufferedTTA, admission_ceiling, report_figures
+from pipeline.adaptation.tta.files import TrainingMeta, build_meta, from_bytes, target_for, to_bytes
 from pipeline.errors import AdapterMismatchError, ImageError
 from pipeline.inspection.imaging import decode_image
 from pipeline.inspection.inspector import Inspector, RawScore
-from pipeline.labels import CONFIRMED, FALSE_ALARM, AlertLabel, LabelStore
 from pipeline.model.self_training import BufferedBudget, TTAParams
-from pipeline.telemetry import WorkerTelemetry
+from pipeline.observability.telemetry import WorkerTelemetry
+from pipeline.operators.labels import CONFIRMED, FALSE_ALARM, AlertLabel, LabelStore
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ LabelledImage = tuple[np.ndarray, np.ndarray | None]
 
 
 class LabelReader(Protocol):
-    """What the gate reads of `pipeline.labels.LabelStore`."""
+    """What the gate reads of `pipeline.operators.labels.LabelStore`."""
 
     def newest(self, line: str, label: str, *, limit: int,
                where: Callable[[AlertLabel], bool] | None = None) -> list[AlertLabel]: ...

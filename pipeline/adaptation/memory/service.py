@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.adaptation.memory_bank import (
+from pipeline.adaptation.memory.bank import (
     BankGateRule,
     BuildJob,
     MemoryBank,
@@ -53,7 +53,7 @@ from pipeline.adaptation.memory_bank import (
 from pipeline.adaptation.registry import AdapterRegistry, TrainerLock
 from pipeline.errors import AnoclipError
 from pipeline.inspection.inspector import Inspector, RawScore
-from pipeline.telemetry import BANK_OUTCOMES, WorkerTelemetry
+from pipeline.observability.telemetry import BANK_OUTCOMES, WorkerTelemetry
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from pipeline.errors import ConfigError
-from pipeline.redaction import install_log_redaction, register_secrets, url_password
+from pipeline.observability.redaction import install_log_redaction, register_secrets, url_password
 from pipeline.settings import RedisSettings
 
 # Errors that mean "Redis is unreachable or unhappy, keep the work and try again later" (not a bug in the

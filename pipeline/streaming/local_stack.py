@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline.errors import AnoclipError
-from pipeline.redaction import install_log_redaction, register_secrets, url_password
+from pipeline.observability.redaction import install_log_redaction, register_secrets, url_password
 
 log = logging.getLogger(__name__)
 
