@@ -3,7 +3,7 @@
     python bench/bench_eval.py                       # ViT-B-16-plus-240 (random weights), 2 classes
     python bench/bench_eval.py --arch anoclip-tiny   # quick smoke run
 
-Model-only = `Inspector.score_raw` on images already decoded and resized to the protocol resolution,
+Model-only = `FrameScorer.score_raw` on images already decoded and resized to the protocol resolution,
 in the same batches as eval. Eval = `run_eval` end to end: reading and resizing images and masks,
 scoring, streaming the metrics, finalising them, and writing the Markdown/JSON/CSV report (and, unless
 --no-figures, the PNG curves and overlays). The two are alternated `--repeats` times and the fastest
@@ -26,9 +26,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.evaluation.datasets import load_pair, read_mvtec, read_visa
-from pipeline.evaluation.loop import EvalOptions, eval_settings, run_eval
+from pipeline.evaluation.loop import eval_settings, run_eval
+from pipeline.evaluation.options import EvalOptions
 from pipeline.evaluation.synth import write_mvtec_tree, write_visa_tree
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.settings import load_settings
 
 
@@ -88,7 +89,7 @@ def main() -> int:
     opts = EvalOptions(out=out / "report", image_score=a.image_score, figures=not a.no_figures)
     settings, line_of = eval_settings(base, index, opts)
     t0 = time.perf_counter()
-    inspector = Inspector.from_settings(settings)
+    inspector = FrameScorer.from_settings(settings)
     for cls in tqdm(index.classes, desc="text features (cached)", file=sys.stderr):
         inspector.prepare_line(line_of[cls])
     setup_s = time.perf_counter() - t0

@@ -5,7 +5,7 @@
 1. Per frame, timed interleaved in one process (same batch, same weights; random: values do not
    change cost): zero-shot AnoCLIP (`model(x, text)`) against memory scoring (the same forward with
    the memory's hidden layer kept, then the bank's nearest neighbours for the batch in one matmul, z
-   scales, fused maps and image scores: `MemoryScorer.with_bank_batch`), with a bank filled to the byte
+   scales, fused maps and image scores: `BankScorer.with_bank_batch`), with a bank filled to the byte
    budget. Target <= 1.3x.
 2. A bank built from 1,000 frames' patches at once (two-stage greedy coreset), and the stream's way of
    getting there (pending patches reduced block by block as frames arrive, then the refresh), each as
@@ -29,18 +29,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.adaptation.memory.bank import (  # noqa: E402
-    BankScales,
-    BankTarget,
-    FrameRecord,
-    MemoryBank,
-    MemoryParams,
-    MemoryScorer,
-    PatchRows,
-    build_bank,
-    frame_record,
-)
-from pipeline.inspection.inspector import RawScore  # noqa: E402
+from pipeline.adaptation.memory.bank import BankScales, MemoryBank, PatchRows, build_bank  # noqa: E402
+from pipeline.adaptation.memory.params import BankTarget, MemoryParams  # noqa: E402
+from pipeline.adaptation.memory.records import FrameRecord, frame_record  # noqa: E402
+from pipeline.adaptation.memory.scoring import BankScorer  # noqa: E402
+from pipeline.inspection.frame_scorer import RawScore  # noqa: E402
 from pipeline.inspection.runtimes import read_cpu_info  # noqa: E402
 from pipeline.model import TextFeatures, create_anoclip  # noqa: E402
 from pipeline.model.memory import ScoreScale  # noqa: E402
@@ -66,7 +59,7 @@ def per_frame(model, params: MemoryParams, batch: int, iters: int, warmup: int) 
                         F.normalize(torch.randn(462, c, generator=gen), dim=-1))
     width = int(model.encoder.visual.conv1.out_channels) * len(params.layers)
     bank = _bank(params.max_patches(width), width, gen)
-    scorer = MemoryScorer(model, params)
+    scorer = BankScorer(model, params)
     s = model.image_size
     x = torch.randn(batch, 3, s, s, generator=gen)
     grid = model.grid_size
@@ -112,9 +105,9 @@ def builds(params: MemoryParams, frames: int, patches: int, width: int) -> dict[
     build_bank("line", records, params, target, parent=parent)
     out["build_s"] = time.perf_counter() - t0
     # stream: the same frames arrive one by one (block reductions), then the refresh
-    from pipeline.adaptation.memory.bank import StreamMemory
+    from pipeline.adaptation.memory.stream import StreamMemory
 
-    st = StreamMemory.__new__(StreamMemory)  # the bookkeeping only: no Inspector needed to add rows
+    st = StreamMemory.__new__(StreamMemory)  # the bookkeeping only: no FrameScorer needed to add rows
     st.params, st.target, st.line_id = params, target, "line"
     st.bank, st.pending, st.pending_frames = parent, PatchRows.empty(width), 0
     st._reduced_rows = st._block_frames = st.admitted = st.refreshes = 0

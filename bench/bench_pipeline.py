@@ -131,9 +131,9 @@ class ModelOnly:
     """`Inspector.inspect` alone on decoded frames: one warm model, timed in batches of the worker's size."""
 
     def __init__(self, settings: Any, frames: list[tuple[str, SourceFrame]], batch: int) -> None:
-        from pipeline.inspection.inspector import Inspector
+        from pipeline.verdicts.inspector import Inspector
 
-        self.insp = Inspector.from_settings(settings)
+        self.insp = Inspector.from_settings(settings, follow="never")
         self.batch = batch
         self.by_line: dict[str, list[np.ndarray]] = {}
         for line, f in frames:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.inspection.runtimes import read_cpu_info  # noqa: E402
 from pipeline.model import TextFeatures, create_anoclip  # noqa: E402
 from pipeline.settings import ModelSettings  # noqa: E402
 
@@ -88,6 +89,8 @@ def main() -> int:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    cpu = read_cpu_info()
+    print(f"CPU: {cpu.model}; ISA flags: {' '.join(cpu.isa)}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {a.device}")
     header = f"{'arch':<20} {'prec':<5} {'batch':>5} {'open_clip f/s':>14} {'plain f/s':>10} {'anoclip f/s':>12} " \
              f"{'cost vs plain':>14} {'cost vs open_clip':>18}"

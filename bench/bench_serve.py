@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.evaluation import synth  # noqa: E402
 from pipeline.inspection.imaging import decode_image  # noqa: E402
-from pipeline.inspection.inspector import Inspector  # noqa: E402
 from pipeline.inspection.runtimes import read_cpu_info  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
 from pipeline.streaming import local_stack as stack  # noqa: E402
 from pipeline.streaming.frame_sources import encode  # noqa: E402
+from pipeline.verdicts.inspector import Inspector  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def main() -> int:
               for i in range(16)]
     images = [decode_image(b) for b in bodies]
     images = (images * ((a.max_batch // len(images)) + 1))[: max(a.max_batch, 1)]
-    inspector = Inspector.from_settings(settings)
+    inspector = Inspector.from_settings(settings, follow="never")
     print(f"model {settings.model.arch} (precision {inspector.model.precision}, runtime {settings.model.runtime}), "
           f"256 px JPEG frames, max batch {a.max_batch}")
     m1_before, mb_before = model_only(inspector, images, 1, seconds), model_only(inspector, images, a.max_batch,

@@ -21,16 +21,16 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.adaptation.registry import AdapterRegistry  # noqa: E402
+from pipeline.adaptation.registry import VersionRegistry  # noqa: E402
 from pipeline.adaptation.tta.service import AdapterService  # noqa: E402
 from pipeline.evaluation import synth  # noqa: E402
-from pipeline.inspection.inspector import Inspector  # noqa: E402
+from pipeline.inspection.frame_scorer import FrameScorer  # noqa: E402
 from pipeline.model import create_anoclip  # noqa: E402
 from pipeline.redis_keys import RedisKeys  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
 
 
-def run_arm(insp: Inspector, frames: list, batch: int, service: AdapterService | None) -> tuple[float, int]:
+def run_arm(insp: FrameScorer, frames: list, batch: int, service: AdapterService | None) -> tuple[float, int]:
     """Frames/s of scoring `frames`, and how many refreshes were promoted meanwhile."""
     t0 = time.perf_counter()
     for i in range(0, len(frames), batch):
@@ -77,11 +77,11 @@ def main() -> int:
     promoted = []
     for r in range(a.rounds):
         for arm in ("off", "tta"):
-            insp = Inspector(settings, model)
+            insp = FrameScorer(settings, model)
             insp.prepare_line("bottle")
             service = None
             if arm == "tta":
-                reg = AdapterRegistry(client, RedisKeys(f"bench-{uuid.uuid4().hex[:8]}"))
+                reg = VersionRegistry(client, RedisKeys(f"bench-{uuid.uuid4().hex[:8]}"))
                 service = AdapterService(insp, reg, ["bottle"], "bench").start()
             fps, n = run_arm(insp, frames, a.batch, service)
             if service:

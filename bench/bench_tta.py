@@ -32,16 +32,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.model import TextFeatures, create_anoclip  # noqa: E402
-from pipeline.model.self_training import (  # noqa: E402
-    AdmissionRule,
-    BufferedBudget,
-    GateRule,
-    TokenSet,
-    TTAParams,
-    adapt_per_frame,
-    admit,
-    patch_scores,
-    refresh_adapter,
+from pipeline.model.tta_admission import admit
+from pipeline.model.tta_params import AdmissionRule, BufferedBudget, GateRule, TTAParams  # noqa: E402
+from pipeline.model.tta_per_frame import adapt_per_frame  # noqa: E402
+from pipeline.model.tta_scoring import patch_scores  # noqa: E402
+from pipeline.model.tta_train import (
+    TokenSet,  # noqa: E402
+    refresh_adapter,  # noqa: E402
 )
 from pipeline.settings import ModelSettings, TTASettings  # noqa: E402
 

@@ -13,7 +13,8 @@ The public API for scripts and notebooks (see docs/api.md)::
         save_overlay(f"{path.stem}.overlay.png", image, result)
 
 Names are imported on first use, so `import pipeline` stays cheap (no torch until a model is needed).
-Wings: `model` (pure torch), `inspection`, `adaptation`, `streaming`, `evaluation`, `dashboard`.
+Wings: `model` (pure torch), `inspection`, `adaptation`, `verdicts` (the one verdict path), `evaluation`,
+`streaming`, `serving`, `dashboard`, `jobs`; below them `operators`, `web`, `observability`, `services`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ _EXPORTS = {
     "AnoclipError": "pipeline.errors",
     "ConfigError": "pipeline.errors",
     "ImageError": "pipeline.errors",
-    "Inspector": "pipeline.inspection.inspector",
-    "Inspection": "pipeline.inspection.inspector",
+    "Inspector": "pipeline.verdicts.inspector",
+    "Inspection": "pipeline.inspection.frame_scorer",
     "load_image": "pipeline.inspection.imaging",
     "decode_image": "pipeline.inspection.imaging",
     "list_images": "pipeline.inspection.imaging",
@@ -46,11 +47,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from pipeline.errors import AnoclipError, ConfigError, ImageError
+    from pipeline.inspection.frame_scorer import Inspection
     from pipeline.inspection.imaging import decode_image, list_images, load_image
-    from pipeline.inspection.inspector import Inspection, Inspector
     from pipeline.inspection.render import overlay, save_overlay
     from pipeline.model.factory import create_anoclip
     from pipeline.settings import Settings, load_settings
+    from pipeline.verdicts.inspector import Inspector
 
 
 def __getattr__(name: str) -> Any:

@@ -85,34 +85,34 @@ class RedisKeys:
         return f"{self.prefix}:worker:*"
 
     # --- adapter registry (and the memory-bank registry: the same layout under `kind="banks"`) ---------
-    def adapter_versions(self, line: str, *, kind: str = "adapters") -> str:
+    def registry_versions(self, line: str, *, kind: str = "adapters") -> str:
         """Sorted set of the line's immutable adapter versions, scored by creation time."""
         return f"{self.prefix}:{kind}:{line}:versions"
 
-    def adapter_version(self, line: str, version: str, *, kind: str = "adapters") -> str:
+    def registry_version(self, line: str, version: str, *, kind: str = "adapters") -> str:
         """Hash: `tensors` (safetensors bytes) and `meta` (JSON)."""
         return f"{self.prefix}:{kind}:{line}:v:{version}"
 
-    def adapter_seq(self, line: str, *, kind: str = "adapters") -> str:
+    def registry_seq(self, line: str, *, kind: str = "adapters") -> str:
         """Counter naming the line's versions v1, v2, ..."""
         return f"{self.prefix}:{kind}:{line}:seq"
 
-    def adapter_current(self, line: str, *, kind: str = "adapters") -> str:
+    def registry_current(self, line: str, *, kind: str = "adapters") -> str:
         """String: the version workers serve; moved atomically."""
         return f"{self.prefix}:{kind}:{line}:current"
 
-    def adapter_paused(self, line: str, *, kind: str = "adapters") -> str:
+    def registry_paused(self, line: str, *, kind: str = "adapters") -> str:
         return f"{self.prefix}:{kind}:{line}:paused"
 
-    def adapter_audit(self, line: str, *, kind: str = "adapters") -> str:
+    def registry_audit(self, line: str, *, kind: str = "adapters") -> str:
         """Stream: who/what/when/why for every promotion, refusal, rollback, pause and resume."""
         return f"{self.prefix}:{kind}:{line}:audit"
 
-    def adapter_lock(self, line: str, *, kind: str = "adapters") -> str:
+    def registry_lock(self, line: str, *, kind: str = "adapters") -> str:
         """Lock with expiry electing the line's single trainer."""
         return f"{self.prefix}:{kind}:{line}:lock"
 
-    def adapter_refresh_requests(self, line: str, *, kind: str = "adapters") -> str:
+    def registry_refresh_requests(self, line: str, *, kind: str = "adapters") -> str:
         """Stream of on-demand refresh requests; outcomes are answered on the audit stream."""
         return f"{self.prefix}:{kind}:{line}:refresh"
 

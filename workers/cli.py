@@ -24,7 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("workers.stack", "bring the local broker + Redis stack up, down, or show its status"),
     "produce": ("workers.produce", "send frames (camera, stream, video, folder or synthetic) to the frames topic"),
     "worker": ("workers.worker", "run the inspection worker: Kafka frames in, results and alerts to Redis"),
-    "adapters": ("workers.adapters", "list, show, roll back, pause, resume or refresh a line's adapter"),
+    "versions": ("workers.versions", "list, show, roll back, pause, resume or refresh the versions a line learned "
+                                     "(adapters, or memory banks with --kind bank)"),
+    "adapters": ("workers.versions", "old name of `versions` (kept for one release)"),
     "dashboard": ("workers.dashboard", "serve the live inspection dashboard"),
     "demo": ("workers.demo", "the main job on one machine: stack up, worker, producer, alerts shown"),
     "export": ("workers.export", "export the image encoder for CPU runtimes (ONNX Runtime, OpenVINO)"),

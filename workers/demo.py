@@ -4,35 +4,12 @@ Brings the local stack up, starts an inspection worker, sends synthetic parts (s
 defects) for each line, and prints alerts as they arrive on the Redis alerts stream, with the defect
 that was actually drawn beside the verdict. Stops after --count frames per line or on Ctrl-C: the
 worker is drained with SIGTERM, and whatever the demo started is stopped again (unless --keep-stack).
+The job, which prints as it goes (its closing figures included): pipeline/jobs/demo.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.request
-import zlib
-from pathlib import Path
-from typing import Any
-
-from pipeline.dashboard.server import DEFAULT_PORT
-from pipeline.errors import AnoclipError
-from pipeline.operators.describe import describe_regions
-from pipeline.redis_keys import RedisKeys
-from pipeline.services.redis_client import make_redis
-from pipeline.settings import Settings, load_settings, resolve_config_path
-from pipeline.streaming import local_stack as stack
-from pipeline.streaming.frame_sources import SourceError, synthetic_frames, synthetic_kind
-from pipeline.streaming.producer import produce
-
-log = logging.getLogger("anoclip.demo")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,182 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
 
 
-def _worker_env(args: argparse.Namespace, settings: Settings) -> dict[str, str]:
-    """The worker's environment: tiny model and demo calibration as `ANOCLIP_...` overrides of the config."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.tiny:
-        env.update(ANOCLIP_MODEL__ARCH="anoclip-tiny", ANOCLIP_MODEL__PRETRAINED="none")
-    warmup = args.warmup if args.warmup is not None else (8 if args.tiny else None)
-    quantile = args.quantile if args.quantile is not None else (0.8 if args.tiny else None)
-    if warmup is not None or quantile is not None:
-        lines = []
-        for line in settings.lines:
-            d = line.model_dump()
-            if warmup is not None:
-                d["threshold"]["warmup_frames"] = warmup
-            if quantile is not None:
-                d["threshold"]["quantile"] = quantile
-            lines.append(d)
-        env["ANOCLIP_LINES"] = json.dumps(lines)
-    return env
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _fmt_alert(fields: dict[str, str]) -> str:
-    regions = json.loads(fields.get("regions", "[]"))
-    where = describe_regions(regions, int(fields.get("width") or 0), int(fields.get("height") or 0))
-    truth = fields.get("synthetic_defect")
-    truth_s = f"  [drawn: {truth}]" if truth else ""
-    return (f"ALERT {fields['line']:<8} {fields.get('camera', '')}  score {float(fields['score']):.3f} "
-            f"(threshold {float(fields['threshold']):.3f})  {where}{truth_s}  frame {fields['frame_id']}")
-
-
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    settings = load_settings(args.config)
-    if args.tiny:
-        print("tiny random-weight model: the pipeline runs for real, but its verdicts are random", flush=True)
-    lines = args.line or [ln.id for ln in settings.lines]
-    kinds = {}
-    for line_id in lines:
-        line = settings.line(line_id)
-        try:
-            kinds[line_id] = synthetic_kind(line.id, line.class_name)
-        except SourceError as e:
-            raise AnoclipError(f"{e}; choose lines with --line") from e
+    from pipeline.jobs.demo import run_demo  # imports the broker and Redis clients: not before argparse ran
 
-    before = {s.name: s.up for s in stack.stack_status(settings)}
-    print("bringing the local stack up ...", flush=True)
-    for svc in stack.stack_up(settings):
-        print("  " + svc.describe(), flush=True)
-    started_here = [name for name, was_up in before.items() if not was_up]
-
-    run_dir = Path(settings.redis.local_dir).expanduser().parent
-    run_dir.mkdir(parents=True, exist_ok=True)
-    worker_log = run_dir / "demo-worker.log"
-    port = settings.worker.metrics_port or stack.free_port()
-    cmd = [sys.executable, "-m", "workers.cli", "worker", "--metrics-port", str(port)]
-    cfg_path = resolve_config_path(args.config)
-    if cfg_path is not None:
-        cmd += ["--config", str(cfg_path)]
-    print(f"starting a worker (log {worker_log}) ...", flush=True)
-    with open(worker_log, "ab") as logf:
-        worker = subprocess.Popen(cmd, env=_worker_env(args, settings), stdout=logf, stderr=subprocess.STDOUT)
-    code = 1
-    try:
-        code = _demo(args, settings, lines, kinds, worker, port, worker_log)
-    except KeyboardInterrupt:
-        print("\ninterrupted", flush=True)
-        code = 130
-    finally:
-        if worker.poll() is None:
-            print("draining the worker (SIGTERM) ...", flush=True)
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-        if started_here and not args.keep_stack:
-            stopped = stack.stack_down(settings)
-            print(f"stopped what the demo started: {', '.join(stopped) or 'nothing'}", flush=True)
-        elif started_here:
-            print("the stack keeps running (anoclip stack down stops it)", flush=True)
-    return code
-
-
-def _demo(args: argparse.Namespace, settings: Settings, lines: list[str], kinds: dict[str, str],
-          worker: subprocess.Popen[bytes], port: int, worker_log: Path) -> int:
-    end = time.monotonic() + args.timeout
-    while not _ready(port):
-        if worker.poll() is not None:
-            tail = worker_log.read_text(errors="replace")[-2000:]
-            print(f"the worker exited with {worker.returncode}:\n{tail}", file=sys.stderr)
-            return 1
-        if time.monotonic() > end:
-            print("the worker did not become ready in time", file=sys.stderr)
-            return 1
-        time.sleep(0.3)
-    print(f"worker ready: metrics at http://127.0.0.1:{port}/metrics", flush=True)
-    print(f"watch it live: run `anoclip dashboard` in another terminal and open http://127.0.0.1:{DEFAULT_PORT}/ "
-          "(add --keep-stack here to browse and label the alerts after the demo)", flush=True)
-
-    keys = RedisKeys(settings.redis.prefix)
-    r = make_redis(settings.redis)
-    streams = {keys.alerts_stream: _last_id(r, keys.alerts_stream)}
-    for line in lines:
-        streams[keys.results_stream(line)] = _last_id(r, keys.results_stream(line))
-
-    sent: set[str] = set()
-    lock = threading.Lock()
-
-    def send(line: str) -> None:
-        frames = synthetic_frames(kinds[line], size=args.size, seed=zlib.crc32(line.encode()) % 1000,
-                                  defect_rate=args.defect_rate)
-
-        def on_sent(_n: int, fid: str) -> None:
-            with lock:
-                sent.add(fid)
-
-        produce(settings, line, frames, fps=args.fps, count=args.count, camera="demo-cam", on_sent=on_sent)
-
-    producers = [threading.Thread(target=send, args=(line,), daemon=True) for line in lines]
-    for t in producers:
-        t.start()
-    print(f"sending {args.count} synthetic frames per line for {', '.join(lines)} at {args.fps} fps ...",
-          flush=True)
-
-    total = args.count * len(lines)
-    done: dict[str, float] = {}
-    alerts = 0
-    last_progress = 0.0
-    while len(done) < total:
-        if time.monotonic() > end:
-            print(f"timed out with {len(done)}/{total} results", file=sys.stderr)
-            return 1
-        if worker.poll() is not None:
-            print(f"the worker exited with {worker.returncode}; see {worker_log}", file=sys.stderr)
-            return 1
-        reply = r.xread(streams, block=500, count=100)
-        for stream, entries in reply or []:
-            name = stream.decode()
-            for entry_id, raw in entries:
-                streams[name] = entry_id.decode()
-                fields = {k.decode(): v.decode() for k, v in raw.items()}
-                with lock:  # only this demo's frames: others (another producer, a replay) are not counted
-                    mine = fields.get("frame_id") in sent
-                if not mine:
-                    continue
-                if name == keys.alerts_stream:
-                    if fields.get("line") in lines:
-                        alerts += 1
-                        result = r.get(keys.frame(fields["frame_id"], "result"))
-                        if result:
-                            fields["synthetic_defect"] = json.loads(result).get("synthetic_defect", "")
-                        print(_fmt_alert(fields), flush=True)
-                else:
-                    done[fields["frame_id"]] = float(fields.get("latency_ms", "nan"))
-        if time.monotonic() - last_progress > 5:
-            last_progress = time.monotonic()
-            print(f"... {len(done)}/{total} frames scored, {alerts} alerts", flush=True)
-    lat = sorted(v for v in done.values() if v == v)
-    p50 = lat[len(lat) // 2] if lat else float("nan")
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
-    print(f"done: {total} frames scored, {alerts} alerts; capture-to-publish latency p50 {p50:.0f} ms, "
-          f"p99 {p99:.0f} ms", flush=True)
-    print(f"results: XRANGE {keys.results_stream(lines[0])} - +   alerts: XRANGE {keys.alerts_stream} - +   "
-          f"masks: GET {keys.frame('<frame-id>', 'mask')}", flush=True)
-    print(f"dashboard: `anoclip dashboard`, then http://127.0.0.1:{DEFAULT_PORT}/ (alerts, masks, labels; "
-          f"needs the stack: {'it keeps running' if args.keep_stack else 'rerun with --keep-stack'})", flush=True)
-    return 0
-
-
-def _last_id(r: Any, stream: str) -> str:
-    last = r.xrevrange(stream, count=1)
-    return last[0][0].decode() if last else "0-0"
+    summary = run_demo(config=args.config, count=args.count, fps=args.fps, lines=args.line,
+                       defect_rate=args.defect_rate, size=args.size, tiny=args.tiny, warmup=args.warmup,
+                       quantile=args.quantile, keep_stack=args.keep_stack, timeout=args.timeout)
+    return summary.exit_code

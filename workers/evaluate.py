@@ -13,16 +13,10 @@ import sys
 from pathlib import Path
 
 from pipeline.evaluation.datasets import DATASETS, PROTOCOL_SIDE, read_dataset
-from pipeline.evaluation.loop import (
-    IMAGE_SCORE_CHOICES,
-    ORDERS,
-    TTA_MODES,
-    EvalOptions,
-    check_tta,
-    run_eval,
-)
+from pipeline.evaluation.loop import check_tta, run_eval
 from pipeline.evaluation.memory_eval import MEMORY_MODES
 from pipeline.evaluation.metrics import AUPRO_VARIANTS, DEFAULT_MEMORY_BUDGET, as_percent
+from pipeline.evaluation.options import IMAGE_SCORE_CHOICES, ORDERS, TTA_MODES, EvalOptions
 from pipeline.settings import load_settings
 
 log = logging.getLogger("anoclip.eval")

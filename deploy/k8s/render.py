@@ -63,7 +63,7 @@ spec:
             - name: refresh
               image: {image}
               imagePullPolicy: IfNotPresent
-              command: ["anoclip", "adapters", "refresh", "--line", "{line}"]
+              command: ["anoclip", "versions", "refresh", "--line", "{line}"]
               env:
                 - name: ANOCLIP_CONFIG
                   value: /etc/anoclip/config.yaml
@@ -123,7 +123,7 @@ def render_configmap(config_text: str) -> str:
 
 
 def render_cronjobs(config_text: str, image: str = IMAGE_CPU) -> str:
-    """One CronJob per configured line, each running `anoclip adapters refresh --line LINE` hourly.
+    """One CronJob per configured line, each running `anoclip versions refresh --line LINE` hourly.
 
     The minutes are staggered so the lines' refreshes do not all start at once.
     """

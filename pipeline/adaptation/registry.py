@@ -1,6 +1,8 @@
-"""The per-line adapter registry in Redis: immutable versions, an atomic `current` pointer, pause,
-rollback, an audit trail, refresh requests, and the lock that elects one trainer per line. The same
-class, with `kind="banks"`, versions each line's patch-memory banks (docs/memory.md).
+"""The registry of what a line learns, in Redis: immutable versions of one kind of learned state per line
+(`kind="adapters"`: TTA adapters, `adaptation/tta/`; `kind="banks"`: patch-memory banks, `adaptation/memory/`),
+an atomic `current` pointer, pause, rollback, an audit trail, refresh requests, and the lock that elects one
+refresher (trainer or bank builder) per line and kind. Both kinds store one artifact format: safetensors bytes
+with their metadata in the header (`tta/files.py`, `memory/files.py`) plus the same metadata as JSON.
 
 A version is written whole (one HSET of tensors + metadata) in the same MULTI/EXEC as the pointer
 move, so no half-written version can ever become current. Rollback moves the pointer back and
@@ -47,8 +49,9 @@ class PromotionResult:
     reason: str
 
 
-class AdapterRegistry:
-    """Versions and pointer of every line's adapter; workers read, trainers and operators write."""
+class VersionRegistry:
+    """Versions and pointer of every line's learned state of one kind; workers read, refreshers and operators
+    write."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, kind: str = "adapters") -> None:
         """`kind`: `adapters` (TTA adapters) or `banks` (patch-memory banks, docs/memory.md): the same
@@ -66,24 +69,24 @@ class AdapterRegistry:
 
     # -- reading --------------------------------------------------------------------------------
     def current(self, line: str) -> str | None:
-        v = self.client.get(self.keys.adapter_current(line, kind=self.kind))
+        v = self.client.get(self.keys.registry_current(line, kind=self.kind))
         return _s(v) if v is not None else None
 
     def is_paused(self, line: str) -> bool:
-        return bool(self.client.exists(self.keys.adapter_paused(line, kind=self.kind)))
+        return bool(self.client.exists(self.keys.registry_paused(line, kind=self.kind)))
 
     def versions(self, line: str) -> list[str]:
         """Every version of the line, oldest first."""
-        return [_s(v) for v in self.client.zrange(self.keys.adapter_versions(line, kind=self.kind), 0, -1)]
+        return [_s(v) for v in self.client.zrange(self.keys.registry_versions(line, kind=self.kind), 0, -1)]
 
     def meta(self, line: str, version: str) -> dict[str, Any]:
-        raw = self.client.hget(self.keys.adapter_version(line, version, kind=self.kind), "meta")
+        raw = self.client.hget(self.keys.registry_version(line, version, kind=self.kind), "meta")
         if raw is None:
             raise KeyError(f"line {line!r} has no {self.noun} version {version!r}")
         return json.loads(raw)
 
     def tensors(self, line: str, version: str) -> bytes:
-        raw = self.client.hget(self.keys.adapter_version(line, version, kind=self.kind), "tensors")
+        raw = self.client.hget(self.keys.registry_version(line, version, kind=self.kind), "tensors")
         if raw is None:
             raise KeyError(f"line {line!r} has no {self.noun} version {version!r}")
         return raw
@@ -91,7 +94,7 @@ class AdapterRegistry:
     def audit(self, line: str, count: int = 50) -> list[dict[str, Any]]:
         """Newest first."""
         out = []
-        for entry_id, fields in self.client.xrevrange(self.keys.adapter_audit(line, kind=self.kind), count=count):
+        for entry_id, fields in self.client.xrevrange(self.keys.registry_audit(line, kind=self.kind), count=count):
             d = {_s(k): _s(v) for k, v in fields.items()}
             d["id"] = _s(entry_id)
             out.append(d)
@@ -121,7 +124,7 @@ class AdapterRegistry:
         The promotion's audit entry records the gate's figures (`validation`), the version's own
         `thresholds` and `audit` (e.g. the admission counts behind the training buffer)."""
         k = self.keys
-        cur_key, paused_key = k.adapter_current(line, kind=self.kind), k.adapter_paused(line, kind=self.kind)
+        cur_key, paused_key = k.registry_current(line, kind=self.kind), k.registry_paused(line, kind=self.kind)
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -137,16 +140,16 @@ class AdapterRegistry:
                         pipe.unwatch()
                         self.record(line, "refuse", actor=actor, reason=refusal, request_id=request_id)
                         return PromotionResult(False, None, refusal)
-                    n = int(self.client.incr(k.adapter_seq(line, kind=self.kind)))
+                    n = int(self.client.incr(k.registry_seq(line, kind=self.kind)))
                     version = f"v{n}"
                     meta = {**meta, "version": version, "line": line, "created": meta.get("created", time.time())}
                     pipe.multi()
-                    pipe.hset(k.adapter_version(line, version, kind=self.kind),
+                    pipe.hset(k.registry_version(line, version, kind=self.kind),
                               mapping={"tensors": tensors, "meta": json.dumps(meta)})
-                    pipe.zadd(k.adapter_versions(line, kind=self.kind), {version: n})
+                    pipe.zadd(k.registry_versions(line, kind=self.kind), {version: n})
                     pipe.set(cur_key, version)
                     pipe.xadd(
-                        k.adapter_audit(line, kind=self.kind),
+                        k.registry_audit(line, kind=self.kind),
                         self._audit_fields("promote", actor, reason, version=version, from_version=cur or "",
                                            request_id=request_id, validation=meta.get("validation"),
                                            thresholds=meta.get("thresholds") or None, **(audit or {})),
@@ -160,7 +163,7 @@ class AdapterRegistry:
 
     def record(self, line: str, action: str, *, actor: str, reason: str, **extra: Any) -> None:
         """An audit entry without a pointer move (refusals, refresh outcomes)."""
-        self.client.xadd(self.keys.adapter_audit(line, kind=self.kind),
+        self.client.xadd(self.keys.registry_audit(line, kind=self.kind),
                          self._audit_fields(action, actor, reason, **extra), maxlen=AUDIT_MAXLEN, approximate=True)
 
     def rollback(self, line: str, to_version: str | None = None, *, actor: str, reason: str = "") -> str | None:
@@ -169,7 +172,7 @@ class AdapterRegistry:
         Deletes nothing, so a rollback can itself be rolled forward again.
         """
         k = self.keys
-        cur_key = k.adapter_current(line, kind=self.kind)
+        cur_key = k.registry_current(line, kind=self.kind)
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -192,7 +195,7 @@ class AdapterRegistry:
                         pipe.delete(cur_key)
                     else:
                         pipe.set(cur_key, target)
-                    pipe.xadd(k.adapter_audit(line, kind=self.kind),
+                    pipe.xadd(k.registry_audit(line, kind=self.kind),
                               self._audit_fields("rollback", actor, reason, version=target or "none",
                                                  from_version=cur or ""),
                               maxlen=AUDIT_MAXLEN, approximate=True)
@@ -204,30 +207,30 @@ class AdapterRegistry:
     def pause(self, line: str, *, actor: str, reason: str = "") -> None:
         """Stop promotions on the line; workers keep serving the current adapter."""
         note = json.dumps({"actor": actor, "reason": reason, "ts": time.time()})
-        self.client.set(self.keys.adapter_paused(line, kind=self.kind), note)
+        self.client.set(self.keys.registry_paused(line, kind=self.kind), note)
         self.record(line, "pause", actor=actor, reason=reason)
 
     def resume(self, line: str, *, actor: str, reason: str = "") -> None:
-        self.client.delete(self.keys.adapter_paused(line, kind=self.kind))
+        self.client.delete(self.keys.registry_paused(line, kind=self.kind))
         self.record(line, "resume", actor=actor, reason=reason)
 
     # -- refresh requests -----------------------------------------------------------------------
     def request_refresh(self, line: str, *, actor: str) -> str:
         """Ask the line's trainer to refresh now; the outcome arrives on the audit stream."""
         request_id = uuid.uuid4().hex
-        self.client.xadd(self.keys.adapter_refresh_requests(line, kind=self.kind),
+        self.client.xadd(self.keys.registry_refresh_requests(line, kind=self.kind),
                     {"request_id": request_id, "actor": actor, "ts": f"{time.time():.3f}"},
                     maxlen=1000, approximate=True)
         return request_id
 
     def refresh_requests(self, line: str, after_id: str = "0-0") -> list[tuple[str, dict[str, str]]]:
         """Requests newer than `after_id`, oldest first."""
-        entries = self.client.xrange(self.keys.adapter_refresh_requests(line, kind=self.kind), min=f"({after_id}",
+        entries = self.client.xrange(self.keys.registry_refresh_requests(line, kind=self.kind), min=f"({after_id}",
                                      count=100)
         return [(_s(i), {_s(k): _s(v) for k, v in f.items()}) for i, f in entries]
 
     def last_request_id(self, line: str) -> str:
-        last = self.client.xrevrange(self.keys.adapter_refresh_requests(line, kind=self.kind), count=1)
+        last = self.client.xrevrange(self.keys.registry_refresh_requests(line, kind=self.kind), count=1)
         return _s(last[0][0]) if last else "0-0"
 
     def wait_outcome(self, line: str, request_id: str, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any] | None:
@@ -242,13 +245,14 @@ class AdapterRegistry:
             time.sleep(poll_s)
 
 
-class TrainerLock:
-    """`SET NX PX` lock electing one trainer per line; expires by itself if the holder dies."""
+class RefreshLock:
+    """`SET NX PX` lock electing one refresher (adapter trainer, bank builder) per line and kind; expires by itself
+    if the holder dies."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, line: str, owner: str, ttl_s: float,
                  kind: str = "adapters") -> None:
         self.client = client
-        self.key = keys.adapter_lock(line, kind=kind)
+        self.key = keys.registry_lock(line, kind=kind)
         self.owner = owner
         self.ttl_ms = int(ttl_s * 1000)
 

@@ -1,4 +1,4 @@
-"""Synthetic anomalies pasted into normal frames: the labelled positives of the adaptation gate.
+"""Synthetic anomalies pasted into normal frames: the known positives of every gate (adapters and banks).
 
 A gate that validates only on frames the base model already admitted as normal is circular: it can
 never see a defect the candidate learned as normal. Pasting a synthetic defect into a held-out frame
@@ -17,9 +17,12 @@ not import the evaluation wing's synthetic data (`tests/unit/test_layout.py`).
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline.model.tta_params import stream_seed
 
 KINDS = ("cutpaste", "perlin")
 
@@ -131,3 +134,16 @@ def synthetic_anomaly(image: np.ndarray, seed: int, kind: str | None = None) -> 
     if k == "perlin":
         return perlin_paste(image, rng)
     raise ValueError(f"unknown synthetic anomaly {k!r} (known: {', '.join(KINDS)})")
+
+
+def paste_positives(items: list[tuple[str, np.ndarray]], seed: int, kind: str | None = None
+                    ) -> list[tuple[str, SyntheticAnomaly]]:
+    """One synthetic defect pasted into each (frame id, image): the gates' shared source of known positives.
+    Deterministic in (`seed`, frame id), so a replay pastes the same defect into the same frame; frames too small
+    to paste into (a side under 8 px) are left out."""
+    out = []
+    for fid, image in items:
+        if min(image.shape[:2]) < 8:
+            continue
+        out.append((fid, synthetic_anomaly(image, stream_seed(seed, zlib.crc32(fid.encode())), kind)))
+    return out

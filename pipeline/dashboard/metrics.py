@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pipeline.dashboard.store import DashboardStore
 from pipeline.operators.labels import LABELS
-
-if TYPE_CHECKING:
-    from pipeline.dashboard.server import DashboardServer
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +26,26 @@ METRIC_NAMES = ("anoclip_alert_labels", "anoclip_alerts_acknowledged", "anoclip_
 """Every series name this collector can export (docs/operations.md, deploy/prometheus checks)."""
 
 
+class MetricsSource(Protocol):
+    """What the collector reads: the dashboard's store and its access-guard counters (`DashboardServer`)."""
+
+    @property
+    def store(self) -> DashboardStore: ...
+
+    @property
+    def refused(self) -> int: ...
+
+    @property
+    def limited(self) -> int: ...
+
+    @property
+    def bad_hosts(self) -> int: ...
+
+
 class DashboardCollector(Collector):
     """Collects at scrape time from the server's store and counters."""
 
-    def __init__(self, app: DashboardServer) -> None:
+    def __init__(self, app: MetricsSource) -> None:
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

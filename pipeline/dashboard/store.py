@@ -2,26 +2,24 @@
 
 Every key comes from `RedisKeys`. The workers' outputs are only read; the one thing written is what
 operators say about alerts, through `pipeline.operators.labels.LabelStore`. Stream entries are decoded generically
-(JSON values parsed, numbers typed) and then given a few normalised fields the page relies on (`ts_ms`,
-`frame_id`, `anomalous`, `region_text`), so the page keeps working if the publisher adds fields.
+(JSON values parsed, numbers typed: `pipeline.dashboard.entries`) and then given a few normalised fields the page
+relies on (`ts_ms`, `frame_id`, `anomalous`, `region_text`), so the page keeps working if the publisher adds fields.
+Outlines and thumbnails are rendered by `pipeline.dashboard.images`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any
 
-import numpy as np
 import redis
-from PIL import Image
-from scipy import ndimage
 
+from pipeline.dashboard.entries import as_text, decode_fields, stream_entry
+from pipeline.dashboard.images import ImageCache, outline_png, thumbnail
 from pipeline.operators.describe import describe_regions, verdict_note
 from pipeline.operators.labels import AlertFacts, LabelStore, sniff_content_type, suggest_threshold
 from pipeline.redis_keys import FRAME_ID_RE, RedisKeys  # noqa: F401  (FRAME_ID_RE: the shared frame-id rule)
@@ -41,113 +39,6 @@ SCAN_BUDGET = 5000
 LABEL_FILTERS = ("unlabelled", "unacknowledged", "confirmed", "false_alarm", "unsure")
 VERDICTS = ("anomalous", "normal")
 HOUR_MS = 3_600_000
-_NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
-def _text(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v)
-
-
-def decode_value(raw: Any) -> Any:
-    """A stream or hash value as the page wants it: JSON parsed, numbers typed, the rest as text."""
-    s = _text(raw)
-    t = s.strip()
-    if t[:1] in "[{":
-        with contextlib.suppress(ValueError):
-            return json.loads(t)
-    if _NUMBER.match(t):
-        return int(t) if re.fullmatch(r"-?\d+", t) else float(t)
-    return s
-
-
-TEXT_FIELDS = frozenset({"frame_id", "line", "line_id", "camera", "worker", "worker_id", "host", "lines",
-                         "partitions", "version", "from_version", "adapter_version", "bank_version", "request_id",
-                         "actor"})
-"""Names and ids: kept as text even when they look like numbers (frame "0042" is not frame 42)."""
-
-
-def decode_fields(fields: dict[Any, Any]) -> dict[str, Any]:
-    """Decode every field of a hash or stream entry; dashes in names become underscores."""
-    out = {}
-    for k, v in fields.items():
-        name = _text(k).replace("-", "_")
-        out[name] = _text(v) if name in TEXT_FIELDS else decode_value(v)
-    return out
-
-
-def stream_entry(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
-    """One stream entry with `id`, `ts_ms` (from the entry id) and `anomalous` added."""
-    sid = _text(entry_id)
-    out = decode_fields(fields)
-    out["id"] = sid
-    out["ts_ms"] = int(sid.split("-")[0])
-    if "frame_id" in out:
-        out["frame_id"] = str(out["frame_id"])
-    if "line" not in out and "line_id" in out:
-        out["line"] = out["line_id"]
-    out["anomalous"] = is_anomalous_verdict(out.get("verdict", False))
-    return out
-
-
-def outline_png(mask_png: bytes, width: int | None = None) -> bytes:
-    """Transparent PNG with the mask's outline in red, at `width` (aspect kept) or the mask's size.
-
-    Done here rather than in the browser so a 1-bit mask of any size becomes a crisp, thin outline
-    at the size it is shown.
-    """
-    with Image.open(io.BytesIO(mask_png)) as im:
-        m = im.convert("L")
-        if width is not None and width < m.width:
-            h = max(1, round(m.height * width / m.width))
-            m = m.resize((width, h), Image.Resampling.NEAREST)
-        mask = np.asarray(m) > 127
-    rgba = np.zeros((*mask.shape, 4), dtype=np.uint8)
-    if mask.any():
-        thick = max(1, min(mask.shape) // 160)
-        edge = mask & ~ndimage.binary_erosion(mask, iterations=thick, border_value=0)
-        rgba[edge] = (255, 32, 32, 255)
-    buf = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def thumbnail(data: bytes, width: int) -> tuple[bytes, str]:
-    """Scaled-down copy (aspect kept) for lists: alerts pages carry dozens of them."""
-    with Image.open(io.BytesIO(data)) as im:
-        if im.width <= width:
-            return data, sniff_content_type(data)
-        h = max(1, round(im.height * width / im.width))
-        small = im.convert("RGB" if im.mode not in ("1", "L", "RGBA") else im.mode).resize(
-            (width, h), Image.Resampling.BILINEAR if im.mode != "1" else Image.Resampling.NEAREST
-        )
-        buf = io.BytesIO()
-        small.save(buf, format="PNG", compress_level=1)
-        return buf.getvalue(), "image/png"
-
-
-class _LRU:
-    """Bounded cache of rendered images of immutable per-frame blobs (thumbnails, outlines)."""
-
-    def __init__(self, max_bytes: int = 64 << 20) -> None:
-        self.max_bytes = max_bytes
-        self._d: OrderedDict[tuple[str, ...], tuple[bytes, str]] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, ...]) -> tuple[bytes, str] | None:
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
-
-    def put(self, key: tuple[str, ...], value: tuple[bytes, str]) -> None:
-        with self._lock:
-            if key in self._d:
-                return
-            self._d[key] = value
-            self._size += len(value[0])
-            while self._size > self.max_bytes and self._d:
-                _, old = self._d.popitem(last=False)
-                self._size -= len(old[0])
 
 
 class YieldCounter:
@@ -169,23 +60,23 @@ class YieldCounter:
         with self._lock:
             if self.cursor is None:
                 entries = list(reversed(client.xrevrange(stream, count=self.backfill)))
-                self.since_ms = int(_text(entries[0][0]).split("-")[0]) if entries else int(time.time() * 1000)
+                self.since_ms = int(as_text(entries[0][0]).split("-")[0]) if entries else int(time.time() * 1000)
                 self._count(entries)
-                self.cursor = _text(entries[-1][0]) if entries else "0-0"
+                self.cursor = as_text(entries[-1][0]) if entries else "0-0"
                 return
             while budget > 0:
                 entries = client.xrange(stream, min=f"({self.cursor}", count=min(1000, budget))
                 if not entries:
                     break
                 self._count(entries)
-                self.cursor = _text(entries[-1][0])
+                self.cursor = as_text(entries[-1][0])
                 budget -= len(entries)
 
     def _count(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:
-            hour = int(_text(entry_id).split("-")[0]) // HOUR_MS * HOUR_MS
+            hour = int(as_text(entry_id).split("-")[0]) // HOUR_MS * HOUR_MS
             verdict = fields.get(b"verdict", fields.get("verdict", b""))
-            self.buckets.setdefault(hour, [0, 0])[1 if is_anomalous_verdict(_text(verdict)) else 0] += 1
+            self.buckets.setdefault(hour, [0, 0])[1 if is_anomalous_verdict(as_text(verdict)) else 0] += 1
         if len(self.buckets) > self.hours + 1:
             for old in sorted(self.buckets)[: len(self.buckets) - self.hours - 1]:
                 del self.buckets[old]
@@ -214,7 +105,7 @@ class DashboardStore:
         self.history_len = history
         self.alerts_len = alerts
         self.worker_scan_s = worker_scan_s
-        self._cache = _LRU()
+        self._cache = ImageCache()
         self._worker_ids: set[str] = set()
         self._worker_scan_at = -1e9
         self._announced_lines: set[str] = set()
@@ -280,7 +171,7 @@ class DashboardStore:
         else:
             now_ms = int(self.client.time()[0] * 1000)
             start = f"{now_ms - int(window_s * 1000)}-0"
-            ids = [int(_text(i).split("-")[0]) for i, _ in self.client.xrevrange(stream, min=start, count=50)]
+            ids = [int(as_text(i).split("-")[0]) for i, _ in self.client.xrevrange(stream, min=start, count=50)]
             frames = len(ids)
             span_s = (now_ms - ids[-1]) / 1000.0 if len(ids) == 50 else window_s
             fps = frames / max(span_s, 1e-3)
@@ -288,13 +179,13 @@ class DashboardStore:
 
     def adapter(self, line: str) -> dict[str, Any]:
         """Version in use (the `current` pointer), its metadata, the pause flag and the last refresh."""
-        current = self.client.get(self.keys.adapter_current(line))
-        out: dict[str, Any] = {"current": _text(current) if current is not None else None,
-                               "paused": self.client.exists(self.keys.adapter_paused(line)) > 0,
+        current = self.client.get(self.keys.registry_current(line))
+        out: dict[str, Any] = {"current": as_text(current) if current is not None else None,
+                               "paused": self.client.exists(self.keys.registry_paused(line)) > 0,
                                "meta": None, "last_event": None, "last_refresh": None}
         if out["current"]:
-            out["meta"] = _json(self.client.hget(self.keys.adapter_version(line, out["current"]), "meta"))
-        events = [stream_entry(i, f) for i, f in self.client.xrevrange(self.keys.adapter_audit(line), count=20)]
+            out["meta"] = _json(self.client.hget(self.keys.registry_version(line, out["current"]), "meta"))
+        events = [stream_entry(i, f) for i, f in self.client.xrevrange(self.keys.registry_audit(line), count=20)]
         if events:
             out["last_event"] = events[0]
             out["last_refresh"] = next((e for e in events if _is_refresh(e)), None)
@@ -446,7 +337,7 @@ class DashboardStore:
         if time.monotonic() - self._worker_scan_at >= self.worker_scan_s:
             self._worker_scan_at = time.monotonic()
             head = self.keys.worker("")
-            found = {_text(k)[len(head):] for k in self.client.scan_iter(match=self.keys.workers_pattern, count=5000,
+            found = {as_text(k)[len(head):] for k in self.client.scan_iter(match=self.keys.workers_pattern, count=5000,
                                                                    _type="hash")}
             with self._lock:
                 self._worker_ids |= found
@@ -574,7 +465,7 @@ def _json(raw: Any) -> Any:
     if raw is None:
         return None
     try:
-        return json.loads(_text(raw))
+        return json.loads(as_text(raw))
     except ValueError:
         return None
 
@@ -659,7 +550,7 @@ def _scan_desc(client: redis.Redis, stream: str, count: int, before: str | None,
             out.append(e)
             if len(out) >= count:
                 return out, e["id"]
-        hi = f"({_text(raw[-1][0])}"
+        hi = f"({as_text(raw[-1][0])}"
         if len(raw) < asked:
             return out, None
     return out, hi[1:]

@@ -3,11 +3,11 @@
 For each class the test images are replayed in a fixed stream order, resized to the protocol
 resolution (MVTec 240x240 squash; VisA and folders 240 on the short side, aspect kept), scored
 through a `Scorer`, and streamed into exact, memory-bounded metrics (`pipeline.evaluation.metrics`). Image I/O
-runs in a prefetch thread so it overlaps the model. The records and files of the result are in
-`pipeline.evaluation.report`.
+runs in a prefetch thread so it overlaps the model. What is asked (`EvalOptions`) is in
+`pipeline.evaluation.options`; the records and files of the result are in `pipeline.evaluation.report`.
 
-A `Scorer` is the hook for test-time adaptation: `off` scores frames with the Inspector as they
-are; `per_frame` and `buffered` come from `pipeline.adaptation.tta.buffered.eval_scorer` (see `make_scorer`)
+A `Scorer` is the hook for test-time adaptation: `off` scores frames with the FrameScorer as they
+are; `per_frame` and `buffered` come from `pipeline.adaptation.tta.eval_scorers.eval_scorer` (see `make_scorer`)
 and see the same stream, class by class, through `begin_class` / `score` / `end_class`.
 """
 
@@ -19,7 +19,6 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.adaptation.memory.bank import MemoryParams
-from pipeline.adaptation.tta.buffered import eval_scorer
-from pipeline.errors import AnoclipError, ImageError
+from pipeline.adaptation.memory.params import MemoryParams
+from pipeline.adaptation.tta.eval_scorers import eval_scorer
+from pipeline.errors import ImageError
 from pipeline.evaluation.datasets import (
     PROTOCOL_SIDE,
     DatasetIndex,
@@ -42,26 +41,17 @@ from pipeline.evaluation.datasets import (
     protocol_size,
     train_samples,
 )
-from pipeline.evaluation.memory_eval import MEMORY_MODES, ClassImages, MemoryScorer
+from pipeline.evaluation.memory_eval import ClassImages, MemoryEvalScorer
 from pipeline.evaluation.metrics import (
-    AUPRO_VARIANTS,
-    DEFAULT_MEMORY_BUDGET,
     PixelAccumulator,
     class_row,
     image_metrics,
     mean_over_classes,
 )
+from pipeline.evaluation.options import TTA_MODES, EvalError, EvalOptions
 from pipeline.evaluation.report import ClassResult, EvalReport, Example, ImageRecord, write_report
 from pipeline.settings import LineSettings, Settings
-
-TTA_MODES = ("off", "per_frame", "buffered")
-IMAGE_SCORE_CHOICES = ("protocol", "cls", "multiview")
-ORDERS = ("dataset", "shuffled")
-
-
-class EvalError(AnoclipError):
-    """The evaluation cannot run as asked (e.g. a TTA mode that is not available)."""
-
+from pipeline.verdicts.inspector import Inspector
 
 # --------------------------------------------------------------------------------------------------
 # scorers: the TTA hook
@@ -84,18 +74,19 @@ class Scorer(Protocol):
 
 
 class InspectorScorer:
-    """`--tta off`: the Inspector's model scores as they are (no adapter, no calibration side effects)."""
-
-    name = "off"
+    """`--tta off`: frames through the one verdict path (`pipeline.verdicts.Inspector`: the base model, no memory,
+    nothing calibrated on test frames, judged at model input size); the metrics read the image score and the raw
+    map at model input size, which the protocol resizes itself."""
 
     def __init__(self, inspector: Any) -> None:
         self.inspector = inspector
+        self.path = Inspector(inspector, calibrate=False, render_max_side=inspector.model.image_size, tta="off")
 
     def begin_class(self, line_id: str) -> None:
         self.inspector.prepare_line(line_id)
 
     def score(self, line_id: str, images: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
-        return [(r.score, r.anomaly_map.numpy()) for r in self.inspector.score_raw(line_id, images)]
+        return [(v.inspection.score, v.raw.anomaly_map.numpy()) for v in self.path.inspect_frames(line_id, images)]
 
     def end_class(self, line_id: str) -> None:
         return None
@@ -116,48 +107,7 @@ def make_scorer(mode: str, inspector: Any, settings: Settings) -> Scorer:
 
 
 # --------------------------------------------------------------------------------------------------
-# options and settings
-
-
-@dataclass
-class EvalOptions:
-    """What to evaluate and how; defaults follow the official protocol (docs/algorithm.md §6)."""
-
-    out: Path
-    classes: list[str] | None = None
-    tta: str = "off"
-    image_score: str = "protocol"
-    """`protocol`: MVTec 22-view multiview, VisA/folder CLS (mean over tiles); or force `cls` / `multiview`."""
-    aupro: str = "rescaled"
-    order: str = "dataset"
-    seed: int = 0
-    resolution: int = PROTOCOL_SIDE
-    examples: int = 4
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
-    memory: str = "off"
-    """Patch memory (docs/memory.md): `off` (zero-shot), `train`, `mutual` or `stream`."""
-    shots: int | None = None
-    """`memory: train`: normal training images per class in the bank (None = all)."""
-    progress: bool = True
-    figures: bool = True
-
-    def validate(self) -> None:
-        if self.tta not in TTA_MODES:
-            raise EvalError(f"unknown TTA mode {self.tta!r} (use one of {', '.join(TTA_MODES)})")
-        if self.image_score not in IMAGE_SCORE_CHOICES:
-            raise EvalError(f"image score must be one of {', '.join(IMAGE_SCORE_CHOICES)}")
-        if self.aupro not in AUPRO_VARIANTS:
-            raise EvalError(f"AUPRO variant must be one of {', '.join(AUPRO_VARIANTS)}")
-        if self.order not in ORDERS:
-            raise EvalError(f"order must be one of {', '.join(ORDERS)}")
-        if self.resolution < 16:
-            raise EvalError("resolution must be at least 16")
-        if self.memory not in MEMORY_MODES:
-            raise EvalError(f"unknown memory mode {self.memory!r} (use one of {', '.join(MEMORY_MODES)})")
-        if self.shots is not None and (self.shots < 1 or self.memory != "train"):
-            raise EvalError("--shots takes a count >= 1 and goes with --memory train")
-        if self.memory != "off" and self.tta == "buffered":
-            raise EvalError("--memory and --tta buffered do not combine (use --tta off or per_frame)")
+# settings (the options: pipeline.evaluation.options)
 
 
 def _line_id(name: str) -> str:
@@ -282,7 +232,7 @@ def _prefetch(
 
 
 def _to_protocol(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """The scorer's map at the protocol resolution (bilinear, as the Inspector resizes maps)."""
+    """The scorer's map at the protocol resolution (bilinear, as the FrameScorer resizes maps)."""
     m = np.asarray(amap, dtype=np.float32)
     if m.shape == hw:
         return m
@@ -395,13 +345,13 @@ def evaluate(
     _, line_of = eval_settings(settings, index, opts)
     if scorer is None:
         if inspector is None:
-            from pipeline.inspection.inspector import Inspector
+            from pipeline.inspection.frame_scorer import FrameScorer
 
-            inspector = Inspector.from_settings(settings)
+            inspector = FrameScorer.from_settings(settings)
         if opts.memory == "off":
             scorer = make_scorer(opts.tta, inspector, settings)
         else:
-            scorer = MemoryScorer(opts.memory, inspector, MemoryParams.from_settings(settings.memory),
+            scorer = MemoryEvalScorer(opts.memory, inspector, MemoryParams.from_settings(settings.memory),
                                   class_images(index, opts, line_of, settings.worker.max_pixels),
                                   shots=opts.shots, tta=opts.tta)
 

@@ -3,7 +3,7 @@
 * `off` — zero-shot, the loop's own scorer (not here).
 * `train` — a bank from the class's normal training images (`--shots K` of them, default all).
 * `mutual` — no training images: the class's test images mutually scored against each other (MuSc).
-* `stream` — causal, as a worker runs it (`pipeline.adaptation.memory.bank.StreamMemory`): each frame is
+* `stream` — causal, as a worker runs it (`pipeline.adaptation.memory.stream.StreamMemory`): each frame is
   scored with a bank built only from earlier frames of the stream, or by mutual scoring over the
   frames just before it while the line has no bank.
 
@@ -19,15 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.adaptation.memory.bank import (
-    MemoryParams,
-    StreamMemory,
-    bank_from_images,
-    mutual_batch,
-    score_frames,
-    score_with_bank,
-)
-from pipeline.inspection.inspector import Inspector
+from pipeline.adaptation.memory.params import MemoryParams
+from pipeline.adaptation.memory.records import score_frames
+from pipeline.adaptation.memory.scoring import bank_from_images, mutual_batch, score_with_bank
+from pipeline.adaptation.memory.stream import StreamMemory
+from pipeline.inspection.frame_scorer import FrameScorer
 
 MEMORY_MODES = ("off", "train", "mutual", "stream")
 
@@ -43,13 +39,13 @@ def _digest(image: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
 
 
-class MemoryScorer:
+class MemoryEvalScorer:
     """The eval scorer of one memory mode (`train`, `mutual` or `stream`)."""
 
     def __init__(
         self,
         mode: str,
-        inspector: Inspector,
+        inspector: FrameScorer,
         params: MemoryParams,
         class_images: ClassImages,
         *,

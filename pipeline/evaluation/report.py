@@ -21,7 +21,7 @@ from pipeline.evaluation.datasets import DatasetIssue
 from pipeline.evaluation.metrics import DEFINITIONS, ImageMetrics, PixelMetrics, as_percent
 
 if TYPE_CHECKING:
-    from pipeline.evaluation.loop import EvalOptions
+    from pipeline.evaluation.options import EvalOptions
 
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 if TYPE_CHECKING:
-    from pipeline.inspection.inspector import Inspection
+    from pipeline.inspection.frame_scorer import Inspection
 
 
 HEATMAP_COLORMAP = "jet"

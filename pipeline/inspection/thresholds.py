@@ -12,6 +12,7 @@ scoring and judging can never pair one version's map with another's threshold.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -21,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.settings import ThresholdSettings
+from pipeline.settings import Settings, ThresholdSettings
+
+log = logging.getLogger("anoclip.thresholds")
 
 _PIXELS_PER_FRAME = 1024  # sampled per warm-up frame: bounded memory, plenty for a 0.999 quantile
 
@@ -228,3 +231,86 @@ class LineThresholds:
                 pixel_median=float(d.get("pixel_median", d["calibrated_pixel"])),
                 frames=int(d.get("calibration_frames", 0)),
             )
+
+
+# -- the line's published state (the Redis threshold hash): what workers share and followers serve ----------
+def manual_override(state: Mapping[str, str]) -> tuple[float | None, float | None]:
+    """The operator's run-time override from a threshold hash: `manual_image` / `manual_pixel` fields.
+
+    Set with e.g. `HSET anoclip:threshold:bottle manual_image 0.62`; delete the field to go back. Values that are
+    not numbers, or not on the anomaly scale (0 to 1: an override written in z units for a memory line before
+    every line shared that scale), are ignored and logged, never reinterpreted."""
+
+    def num(name: str) -> float | None:
+        v = state.get(name)
+        if v is None or v == "":
+            return None
+        try:
+            f = float(v)
+        except ValueError:
+            return None
+        if not 0.0 <= f <= 1.0:
+            log.error("ignoring %s=%s: thresholds are anomaly scores from 0 to 1 on every line (a memory line's "
+                      "z threshold z converts to 1 / (1 + exp(-(z - 3) / 2)))", name, v)
+            return None
+        return f
+
+    return num("manual_image"), num("manual_pixel")
+
+
+def calibration_identity(settings: Settings, line: str, prompt_hash: str) -> dict[str, str]:
+    """What a calibration depends on: one made with another model, prompt set or quantile is not resumed."""
+    m = settings.model
+    return {"calibrated_model": f"{m.arch}/{m.pretrained}/{m.precision}",
+            "calibrated_prompts": prompt_hash,
+            "calibrated_quantile": str(settings.line(line).threshold.quantile)}
+
+
+def follow_published(line: str, th: LineThresholds, state: Mapping[str, str], ident: Mapping[str, str],
+                     first: bool) -> None:
+    """Bring `th` in step with the line's published state: its calibration (when made with the same model, prompt
+    set and quantile: `ident`) and the operator's override. What workers do at each heartbeat, and what every
+    follower (`anoclip serve`, `anoclip score`, the Python API following a running line) does instead of
+    calibrating on the frames it is given.
+
+    A line spread over several workers (frames keyed by frame id) must be judged by one threshold, not one per
+    worker: a worker still calibrating adopts the one published, and one that finished its own calibration after
+    another worker had published gives its own up (when two finish in the same heartbeat, the last write wins and
+    the other adopts it on its next heartbeat). A restarted worker resumes it the same way."""
+    if "calibrated_image" in state:
+        _adopt_calibration(line, th, state, ident, first)
+    image, pixel = manual_override(state)
+    if (image, pixel) != (th.override_image, th.override_pixel):
+        log.info("line %s: manual threshold override image=%s pixel=%s", line, image, pixel)
+        th.set_override(image, pixel)
+
+
+def _adopt_calibration(line: str, th: LineThresholds, state: Mapping[str, str], ident: Mapping[str, str],
+                       first: bool) -> None:
+    stale = {k: state.get(k) for k, v in ident.items() if state.get(k) != v}
+    if stale:  # calibrated with another model, prompt set or quantile: its numbers do not apply
+        if first and th.calibration is None:
+            log.info("line %s: not resuming the calibration in Redis, it was made with %s", line, stale)
+        return
+    try:
+        image, pixel = float(state["calibrated_image"]), float(state["calibrated_pixel"])
+    except (ValueError, KeyError) as e:
+        if first:
+            log.warning("line %s: ignoring unreadable calibration in Redis: %s", line, e)
+        return
+    own = th.calibration
+    if own is not None and math.isclose(own.image, image, rel_tol=1e-6, abs_tol=1e-9) and math.isclose(
+            own.pixel, pixel, rel_tol=1e-6, abs_tol=1e-9):
+        return
+    try:
+        th.restore(dict(state))
+    except (ValueError, KeyError) as e:
+        log.warning("line %s: ignoring unreadable calibration in Redis: %s", line, e)
+        return
+    if own is None:
+        how = "resumed" if first else "adopted"
+        log.info("line %s: %s calibrated thresholds from Redis (image %.4f, published by worker %s)",
+                 line, how, image, state.get("worker", "?"))
+    else:
+        log.info("line %s: using the line's calibration in Redis (image %.4f, published by worker %s) "
+                 "instead of this worker's (image %.4f)", line, image, state.get("worker", "?"), own.image)

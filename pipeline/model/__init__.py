@@ -1,4 +1,6 @@
-"""Pure-torch AnoCLIP: dual-path CLIP backbone, prompts, text features, scorer, factory.
+"""Pure-torch AnoCLIP: dual-path CLIP backbone, prompts, text features, scorer, factory, adapters, the memory's
+math (`memory`) and the TTA procedures (`tta_params`, `tta_scoring`, `tta_per_frame`, `tta_admission`,
+`tta_gate`, `tta_train`).
 
 No Kafka, Redis, network or file access here beyond loading weights; caches live outside.
 """

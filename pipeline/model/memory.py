@@ -4,7 +4,7 @@ Pure torch. A patch memory compares each patch of a frame with patches of known-
 same line (PatchCore, WinCLIP+ few-shot) or, before a line has any, with the patches of the other
 recent frames (MuSc mutual scoring). A patch unlike every stored patch is anomalous, whatever the
 text prompts say. Everything here works on feature tensors; building banks from frames, budgets and
-serialisation live in `pipeline.adaptation.memory.bank`.
+serialisation live in `pipeline.adaptation.memory`.
 
 Shapes: P patches per tile on a g x g grid (row-major, as the model's tokens), D feature width.
 Distances are Euclidean between L2-normalised features, so they lie in [0, 2].

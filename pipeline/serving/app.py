@@ -1,6 +1,6 @@
 """The HTTP inspection API: `POST /v1/lines/{line}/inspect` with an image body returns the verdict as JSON.
 
-One request is one frame, judged exactly as a streamed frame (same Inspector, thresholds, geometry
+One request is one frame, judged exactly as a streamed frame (same FrameScorer, thresholds, geometry
 limits, bounded-size masks; with buffered TTA, each line's promoted adapter from the Redis registry and its
 thresholds, followed as workers follow them; a `memory: stream` line with its current patch-memory bank from the
 bank registry, read only: requests never admit frames) and answered with the same record the worker stores in Redis
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import signal
@@ -29,23 +28,21 @@ from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.adaptation.memory.service import MemoryService, NoBankError
-from pipeline.adaptation.registry import AdapterRegistry
 from pipeline.adaptation.tta.service import AdapterService
 from pipeline.errors import ConfigError, ImageError, UnknownLineError
+from pipeline.inspection.frame_scorer import FrameScorer, Inspection
 from pipeline.inspection.imaging import GeometryLimits, decode_image
-from pipeline.inspection.inspector import Inspection, Inspector
 from pipeline.inspection.render import heatmap_png, mask_png
-from pipeline.observability.redaction import redact_url
-from pipeline.redis_keys import RedisKeys
-from pipeline.services.redis_client import RETRYABLE, make_redis
 from pipeline.serving.batcher import InspectionBatcher
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
 from pipeline.streaming.records import FrameResult
 from pipeline.streaming.redis_io import FrameOutput, ResultPublisher
+from pipeline.verdicts.following import Following, start_following
+from pipeline.verdicts.inspector import Inspector
 from pipeline.web.auth import AccessGuard, AccessPolicy, require_token_off_loopback, token_rule
 
 log = logging.getLogger("anoclip.serve")
@@ -75,7 +72,12 @@ def check_token_policy(host: str, token: str | None, allow_no_token: bool) -> st
     return token
 
 
-class Region(BaseModel):
+class RegionModel(BaseModel):
+    # One connected region of the mask as the API returns it (`pipeline.inspection.regions.Region` in JSON). No
+    # docstring: it would become the schema's description. Its title stays "Region" as before the rename (the
+    # OpenAPI component key is the class name, RegionModel).
+    model_config = ConfigDict(title="Region")
+
     area: int
     box: list[int] = Field(description="[x0, y0, x1, y1], ends exclusive, at the frame's size")
     peak: float | None = None
@@ -94,10 +96,10 @@ class InspectResult(BaseModel):
     threshold_source: str
     max_pixel_score: float
     defect_area: int = Field(description="mask pixels, at the judged (bounded) size")
-    regions: list[Region]
+    regions: list[RegionModel]
     adapter_version: str | None
     bank_version: str | None = Field(None, description="the patch-memory bank version that scored the frame "
-                                     "(`lines[].memory: stream`: score and thresholds in z units of normal frames); "
+                                     "(`lines[].memory: stream`: the fused score, on the same 0..1 scale); "
                                      "null with the memory off")
     timings_ms: dict[str, float]
     content_type: str
@@ -149,7 +151,7 @@ class ServeState:
     settings: Settings
     token: str | None = None
     publisher: ResultPublisher | None = None
-    inspector: Inspector | None = None
+    inspector: FrameScorer | None = None
     batcher: InspectionBatcher | None = None
     limits: GeometryLimits | None = None
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
@@ -160,22 +162,35 @@ class ServeState:
     memory: MemoryService | None = None
     """Follows the current bank of each `memory: stream` line (read only: never admits, builds nor locks)."""
     memory_note: str | None = None
+    following: Following | None = None
     stopping: bool = False
     server_id: str = field(default_factory=lambda: f"serve-{socket.gethostname()}-{os.getpid()}")
 
     def close(self) -> None:
         """Stop batching and following the registries (after the HTTP server stopped answering)."""
         self.stopping = True
-        for part in (self.batcher, self.adapters, self.memory):
-            if part is not None:
-                part.stop()
+        if self.batcher is not None:
+            self.batcher.stop()
+        if self.following is not None:
+            self.following.stop()
 
-    def attach(self, inspector: Inspector, *, max_batch: int, max_wait_ms: float) -> None:
-        """Start scoring with `inspector` (every line's text features are prepared first)."""
+    def attach(self, inspector: FrameScorer, *, max_batch: int, max_wait_ms: float) -> None:
+        """Start scoring with `inspector` (every line's text features are prepared first) on the one verdict
+        path, following what the lines' workers serve (`pipeline.verdicts.following`): each line's promoted
+        adapter (with `tta.mode: buffered`, as workers serve them), the current bank of each `memory: stream`
+        line, and the thresholds the workers published. A request's frame never calibrates a threshold, nor is
+        it admitted, built into a bank or trained on. A memory line without a bank (a cold start, a rollback to
+        none, Redis unreachable) is answered 503 (`NoBankError`)."""
         for line in self.settings.lines:
             inspector.prepare_line(line.id)
-        self.follow_registry(inspector)
-        self.follow_banks(inspector)
+        client = self.publisher.client if self.publisher is not None else None
+        keys = self.publisher.keys if self.publisher is not None else None
+        following = start_following(self.settings, inspector, client=client, keys=keys, follower_id=self.server_id)
+        self.following = following
+        self.adapters, self.memory = following.adapters, following.memory
+        self.adapter_note, self.memory_note = following.adapter_note, following.memory_note
+        if self.adapter_note is not None:
+            log.info("serving the base model: %s", self.adapter_note.removeprefix("base model: "))
         self.limits = GeometryLimits.from_settings(self.settings.worker, inspector.model.image_size,
                                                    self.settings.model.resize)
         m = self.metrics
@@ -184,75 +199,16 @@ class ServeState:
             m.inference.labels(line).observe(seconds)
             m.batch_size.labels(line).observe(n)
 
-        self.batcher = InspectionBatcher(inspector, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                         render_max_side=self.settings.worker.render_max_side,
-                                         on_batch=on_batch,
-                                         adapter_for=self.adapters.adapter_for if self.adapters else None,
-                                         memory=self.memory).start()
+        path = Inspector.over(inspector, following, render_max_side=self.settings.worker.render_max_side)
+        self.batcher = InspectionBatcher(path, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                         on_batch=on_batch).start()
         self.inspector = inspector
         m.ready.set(1)
-
-    def follow_registry(self, inspector: Inspector) -> None:
-        """Score each line with its promoted adapter from the Redis registry, as workers do in buffered TTA: the
-        workers' own `AdapterService` (following only, never training) loads the current version, swaps it in
-        when the registry's pointer moves and sets its thresholds (`LineThresholds.set_version`). Without
-        buffered TTA or a reachable Redis: the base model, the reason logged and shown by /readyz."""
-        s = self.settings
-        if s.tta.mode != "buffered":
-            self.adapter_note = (f"base model: tta.mode is {s.tta.mode}; registry adapters are served with "
-                                 "tta.mode buffered, as workers do")
-            log.info("serving the base model: %s", self.adapter_note.removeprefix("base model: "))
-            return
-        if self.publisher is not None:
-            client, keys = self.publisher.client, self.publisher.keys
-        else:
-            client, keys = make_redis(s.redis), RedisKeys(s.redis.prefix)
-        try:
-            client.ping()
-        except Exception as e:  # any Redis failure: serve the base model rather than nothing
-            reason = f"Redis at {redact_url(s.redis.url)} unreachable ({type(e).__name__}: {e})"
-            self.adapter_note = f"base model: {reason}"
-            log.warning("serving the base model, not the registry's adapters: %s", reason)
-            return
-        lines = [ln.id for ln in s.lines]
-        service = AdapterService(inspector, AdapterRegistry(client, keys), lines, self.server_id)
-        for line in lines:
-            with contextlib.suppress(*RETRYABLE):  # Redis gone meanwhile: the service's loop catches up
-                service.sync(line)
-        self.adapters = service.start(train=False)
-        log.info("following the adapter registry (prefix %s): %s", keys.prefix,
-                 ", ".join(f"{ln} {service.adapter_for(ln)[1] or 'base'}" for ln in lines))
-
-    def follow_banks(self, inspector: Inspector) -> None:
-        """Score each `memory: stream` line with its current patch-memory bank, as its workers do: the workers'
-        own `MemoryService` in follow-only mode loads the registry's current bank (`kind="banks"`), swaps in
-        promotions and rollbacks within `tta.trainer_poll_s` and judges with the version's thresholds
-        (`bank:<version>`). It never admits a request's frame, builds, publishes nor takes the bank lock. A line
-        without a bank (a cold start, a rollback to none, Redis unreachable) is answered 503 (`NoBankError`)."""
-        s = self.settings
-        lines = sorted(ln.id for ln in s.lines if ln.memory == "stream")
-        if not lines:
-            return
-        if self.publisher is not None:
-            client, keys = self.publisher.client, self.publisher.keys
-        else:
-            client, keys = make_redis(s.redis), RedisKeys(s.redis.prefix)
-        service = MemoryService(inspector, AdapterRegistry(client, keys, kind="banks"), lines, self.server_id,
-                                poll_s=s.tta.trainer_poll_s, follow_only=True)
-        try:
-            for line in lines:
-                service.sync(line)
-        except Exception as e:  # Redis down: the service's loop catches up; the lines answer 503 meanwhile
-            self.memory_note = f"Redis at {redact_url(s.redis.url)} unreachable ({type(e).__name__}: {e})"
-            log.warning("memory lines %s have no bank until Redis answers: %s", ", ".join(lines), self.memory_note)
-        self.memory = service.start()
-        log.info("following the bank registry (prefix %s): %s", keys.prefix,
-                 ", ".join(f"{ln} {service.following(ln) or 'no bank (503)'}" for ln in lines))
 
     def load_in_background(self, *, max_batch: int, max_wait_ms: float) -> threading.Thread:
         def load() -> None:
             try:
-                self.attach(Inspector.from_settings(self.settings), max_batch=max_batch, max_wait_ms=max_wait_ms)
+                self.attach(FrameScorer.from_settings(self.settings), max_batch=max_batch, max_wait_ms=max_wait_ms)
                 log.info("model loaded; serving %d lines", len(self.settings.lines))
             except Exception as e:  # shown by /readyz and every inspect request
                 log.exception("loading the model failed")
@@ -455,7 +411,7 @@ def create_app(state: ServeState) -> FastAPI:
         meta = envelope.FrameMeta(frame_id, line, camera, capture_ts, ctype or "", envelope.SCHEMA_VERSION)
         result = FrameResult.from_inspection(insp, meta, width=int(image.shape[1]), height=int(image.shape[0]),
                                              partition=None, offset=None, worker=state.server_id,
-                                             bank_version=job.bank_version)
+                                             bank_version=insp.bank_version)
         m.scores.labels(line).observe(insp.score)
         if insp.verdict:
             m.alerts.labels(line).inc()

@@ -1,18 +1,15 @@
-"""Concurrent requests into model batches: one thread owns the Inspector and scores what is waiting.
+"""Concurrent requests into model batches: one thread owns the verdict path and scores what is waiting.
 
 Requests are queued already decoded. The thread takes the oldest, then waits up to `max_wait_ms` for
 more, but only while other requests are known to be on their way (accepted and still decoding): a lone
-request is scored at once, concurrent ones share a forward. Frames of one line in a batch are scored
-together (one `Inspector.score_raw` call; the Inspector splits by model input size), each line in turn,
-with the line's served adapter when `adapter_for` is given (the registry's current version, as workers).
-A `memory: stream` line served by `memory` (a follow-only `MemoryService`) is scored as its workers score it:
-the fused map and score of its current bank, judged with that bank version's thresholds (`bank:<version>`);
-nothing is admitted. Without a bank its frames fail with `NoBankError`.
+request is scored at once, concurrent ones share a forward. Frames of one line in a batch go through the one
+verdict path together (`pipeline.verdicts.Inspector.inspect`: the line's served adapter, its memory bank, the
+thresholds its workers published), each line in turn. A `memory: stream` line without a bank fails its frames
+with `NoBankError`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
@@ -21,13 +18,12 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from pipeline.adaptation.memory.service import MemoryService, NoBankError
-from pipeline.inspection.inspector import Inspection, Inspector
-from pipeline.inspection.render import bounded_size
+from pipeline.adaptation.memory.service import NoBankError
+from pipeline.inspection.frame_scorer import Inspection
+from pipeline.verdicts.inspector import Inspector
 
 log = logging.getLogger("anoclip.serve")
 
@@ -39,30 +35,22 @@ class Job:
     future: Future[Inspection] = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
     frame_id: str = ""
-    bank_version: str | None = None
-    """The memory bank version that scored the frame (set before `future` resolves; None: no memory)."""
 
 
 BatchHook = Callable[[str, int, float], None]
 """(line, frames, seconds) after each scored group: for metrics."""
-AdapterLookup = Callable[[str], tuple[Any, str | None]]
-"""line -> (adapter, version) to score it with; (None, None): the base model (`AdapterService.adapter_for`)."""
 
 
 class InspectionBatcher:
     """Scores submitted frames in batches of at most `max_batch` on its own thread."""
 
-    def __init__(self, inspector: Inspector, *, max_batch: int = 8, max_wait_ms: float = 20.0,
-                 render_max_side: int = 1024, on_batch: BatchHook | None = None,
-                 adapter_for: AdapterLookup | None = None, memory: MemoryService | None = None) -> None:
-        if memory is not None and not memory.follow_only:
+    def __init__(self, path: Inspector, *, max_batch: int = 8, max_wait_ms: float = 20.0,
+                 on_batch: BatchHook | None = None) -> None:
+        if path.memory is not None and not path.memory.follow_only:
             raise ValueError("serve scores with a follow-only memory service (it must never admit frames)")
-        self.inspector = inspector
-        self.adapter_for = adapter_for
-        self.memory = memory
+        self.path = path
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
-        self.render_max_side = render_max_side
         self.on_batch = on_batch
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._incoming = 0
@@ -97,7 +85,7 @@ class InspectionBatcher:
         return self.submit_job(line, image, announced=announced).future
 
     def submit_job(self, line: str, image: np.ndarray, *, announced: bool = True, frame_id: str = "") -> Job:
-        """`submit`, returning the job: its `bank_version` is set once its future resolves."""
+        """`submit`, returning the job."""
         if self._stopping:
             raise RuntimeError("the server is stopping")
         job = Job(line, image, frame_id=frame_id)
@@ -154,26 +142,9 @@ class InspectionBatcher:
         for line, jobs in by_line.items():
             t0 = time.perf_counter()
             try:
-                # one read per group: every frame of it is scored and judged as the same version
-                adapter, version = self.adapter_for(line) if self.adapter_for is not None else (None, None)
-                memory = self.memory if self.memory is not None and self.memory.serves(line) else None
-                raws = self.inspector.score_raw(line, [j.image for j in jobs], adapter,
-                                                hidden_layers=memory.hidden_layers if memory is not None else ())
-                if memory is not None:  # the bank's fused map and score, its thresholds (the worker's path)
-                    outcomes = memory.score(line, raws, [j.frame_id for j in jobs])
-                    judged = [(o.raw, o.threshold_key, o.bank_version) for o in outcomes]
-                else:
-                    judged = [(r, version, None) for r in raws]
-                out = []
-                for j, (r, key, bank) in zip(jobs, judged, strict=True):
-                    # judged at a bounded size, as the worker does: the map comes from a small grid
-                    r = dataclasses.replace(r, frame_hw=bounded_size(*r.frame_hw, self.render_max_side))
-                    insp = self.inspector.judge(line, r, key)  # with the version's own thresholds
-                    if memory is not None:  # judged with the bank's thresholds; the result still names the adapter
-                        insp = dataclasses.replace(insp, adapter_version=version)
+                out = self.path.inspect(line, [j.image for j in jobs], [j.frame_id for j in jobs])
+                for j, insp in zip(jobs, out, strict=True):
                     insp.timings["queue"] = (t0 - j.queued_at) * 1e3
-                    j.bank_version = bank
-                    out.append(insp)
             except Exception as e:  # reported to each waiting request; the thread goes on
                 if not isinstance(e, NoBankError):  # a line without a bank is the caller's answer, not a fault
                     log.exception("inspecting %d %s frames failed", len(jobs), line)

@@ -18,7 +18,7 @@ from pipeline.operators.describe import verdict_note
 from pipeline.streaming.envelope import FrameMeta
 
 if TYPE_CHECKING:  # the dashboard reads records without loading torch
-    from pipeline.inspection.inspector import Inspection
+    from pipeline.inspection.frame_scorer import Inspection
 
 ANOMALOUS, NORMAL = "anomalous", "normal"
 """The two spellings of a verdict on the wire."""

@@ -272,22 +272,3 @@ class ResultPublisher:
 
     def forget_worker(self) -> None:
         self.client.delete(self.keys.worker(self.worker_id))
-
-
-def manual_override(state: Mapping[str, str]) -> tuple[float | None, float | None]:
-    """The operator's run-time override from a threshold hash: `manual_image` / `manual_pixel` fields.
-
-    Set with e.g. `HSET anoclip:threshold:bottle manual_image 0.62`; delete the field to go back.
-    Values that are not numbers are ignored (and the worker logs them).
-    """
-
-    def num(name: str) -> float | None:
-        v = state.get(name)
-        if v is None or v == "":
-            return None
-        try:
-            return float(v)
-        except ValueError:
-            return None
-
-    return num("manual_image"), num("manual_pixel")

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.registry import VersionRegistry
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.inspection.imaging import decode_image
-from pipeline.inspection.inspector import Inspector
 from pipeline.streaming.envelope import build_headers
 from pipeline.streaming.frame_sources import encode
 from pipeline.streaming.producer import FrameProducer
@@ -54,7 +54,7 @@ def _choose_defect(pipeline: Pipeline) -> tuple[int, float]:
     JPEG round trip), and an image threshold between the two."""
     cache = pipeline.config["model"]["text_cache_dir"]
     settings = make_tiny_settings(pipeline.dir / "probe", model={"text_cache_dir": cache})
-    probe = Inspector.from_settings(settings)
+    probe = FrameScorer.from_settings(settings)
     normals = [_normal(i) for i in range(40)]
     normal_max = max(r.score for r in probe.score_raw(LINE, normals))
     best = None
@@ -103,7 +103,7 @@ def test_a_recurring_defect_keeps_alerting_is_never_admitted_and_versions_bring_
         "gate_auroc_margin": 1.0,
         "gate_min_contrast_ratio": 0.0,
     }
-    reg = AdapterRegistry(pipeline.redis(), pipeline.keys)
+    reg = VersionRegistry(pipeline.redis(), pipeline.keys)
     worker = pipeline.start_worker("a")
     worker.wait_ready()
 

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.registry import VersionRegistry
 from pipeline.adaptation.tta.files import build_meta, from_bytes, target_for, to_bytes
 from pipeline.adaptation.tta.service import AdapterService
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.redis_keys import RedisKeys
 from tests.conftest import make_tiny_settings
 from tests.integration.conftest import RedisServer
@@ -38,16 +38,16 @@ FAST_TTA: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def inspector(tmp_path_factory: pytest.TempPathFactory) -> Inspector:
-    return Inspector.from_settings(make_tiny_settings(tmp_path_factory.mktemp("tc"), tta=FAST_TTA))
+def inspector(tmp_path_factory: pytest.TempPathFactory) -> FrameScorer:
+    return FrameScorer.from_settings(make_tiny_settings(tmp_path_factory.mktemp("tc"), tta=FAST_TTA))
 
 
 @pytest.fixture
-def service(inspector: Inspector, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AdapterService:
+def service(inspector: FrameScorer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AdapterService:
     """A line's adapter service with 10 buffered frames. The gate is not under test here (tests/unit/
     test_claims_gate.py, test_tta.py): every trained candidate counts as accepted, so what answers is
     the registry's own check in `publish`. `svc.during_training` holds actions run after training step 2."""
-    registry = AdapterRegistry(redis_server.client(), RedisKeys(f"claims{uuid.uuid4().hex[:8]}"))
+    registry = VersionRegistry(redis_server.client(), RedisKeys(f"claims{uuid.uuid4().hex[:8]}"))
     svc = AdapterService(inspector, registry, [LINE], "w-test")
     rng = np.random.default_rng(0)
     images = [(110 + rng.integers(0, 30, (64, 64, 3))).astype(np.uint8) for _ in range(10)]
@@ -123,7 +123,7 @@ def test_the_current_adapter_moving_during_training_refuses_the_promotion(servic
 
 
 def test_a_version_that_does_not_fit_is_skipped_and_not_retried(
-    service: AdapterService, inspector: Inspector, monkeypatch: pytest.MonkeyPatch
+    service: AdapterService, inspector: FrameScorer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reg = service.registry
     assert service.refresh(LINE) == {"action": "promote", "version": "v1"}
@@ -151,7 +151,7 @@ def test_a_version_that_does_not_fit_is_skipped_and_not_retried(
         adapter.weight.view(-1)[0] = float("nan")
     v3 = publish(to_bytes(adapter, meta), meta, v2)
     assert service.sync(LINE) is False and service.adapter_for(LINE) == served
-    assert service.lines[LINE].bad_versions == {v2, v3}
+    assert service.follower.bad_versions(LINE) == {v2, v3}
 
     v4 = publish(good, meta, v3)
     assert service.sync(LINE) is True and service.adapter_for(LINE)[1] == v4 == "v4"

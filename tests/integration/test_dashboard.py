@@ -37,7 +37,7 @@ import redis
 import yaml
 from PIL import Image
 
-from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.registry import VersionRegistry
 from pipeline.dashboard.server import TOKEN_ENV
 from pipeline.evaluation import synth
 from pipeline.redis_keys import RedisKeys
@@ -331,7 +331,7 @@ def test_bad_or_missing_token_is_refused(live: LiveStack) -> None:
 def test_page_loads_with_every_line_and_the_worker(live: LiveStack) -> None:
     first = [live.send("bottle", None), live.send("wood", None), live.send("pcb1", None)]
     wait_for(lambda: all(live.published(f) for f in first), 60, "the worker to publish the first frames")
-    AdapterRegistry(live.redis.client(), RedisKeys("anoclip")).record(
+    VersionRegistry(live.redis.client(), RedisKeys("anoclip")).record(
         "wood", "refuse", actor="test@ci", reason="candidate flipped 40% of confident verdicts")
     open_dashboard(live)
     d = live.driver

@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline.evaluation import loop as evaluation_loop
 from pipeline.evaluation.datasets import load_pair, read_folder, read_visa
-from pipeline.evaluation.loop import EvalError, EvalOptions, check_tta, eval_settings, run_eval, stream_order
+from pipeline.evaluation.loop import check_tta, eval_settings, run_eval, stream_order
+from pipeline.evaluation.options import EvalError, EvalOptions
 from pipeline.evaluation.synth import write_mvtec_tree, write_visa_tree
 from pipeline.settings import Settings
 from workers.cli import main
@@ -224,7 +225,7 @@ def test_eval_cli_folder_without_masks(tmp_path: Path, mvtec_tree: Path, text_ca
 def test_eval_runs_the_tta_modes_with_the_tiny_model(
     mode: str, tmp_path: Path, mvtec_tree: Path, tiny_settings: Settings
 ) -> None:
-    """The real TTA scorers (pipeline.adaptation.tta.buffered) through the harness: image scores untouched
+    """The real TTA scorers (pipeline.adaptation.tta.eval_scorers) through the harness: image scores untouched
     (docs/algorithm.md §5.1)."""
     from pipeline.evaluation.datasets import read_mvtec
 

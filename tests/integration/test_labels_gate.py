@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.registry import VersionRegistry
 from pipeline.adaptation.tta.service import AdapterService
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.inspection.render import encode_png, mask_png
 from pipeline.operators.labels import CONFIRMED, FALSE_ALARM, AlertFacts, LabelStore
 from pipeline.redis_keys import RedisKeys
@@ -47,7 +47,7 @@ def _alert(client: Any, keys: RedisKeys, fid: str, image: np.ndarray, mask: np.n
     return AlertFacts(fid, LINE, 0.9, 0.5, ts_ms, "cam-1", w, h)
 
 
-def _last_refresh(reg: AdapterRegistry) -> dict[str, Any]:
+def _last_refresh(reg: VersionRegistry) -> dict[str, Any]:
     e = next(e for e in reg.audit(LINE, count=20) if e["action"] in ("promote", "refuse"))
     positives = json.loads(e["positives"]) if "positives" in e else json.loads(e["report"])["positives"]
     validation = json.loads(e["validation"]) if "validation" in e else json.loads(e["report"])["validation"]
@@ -57,10 +57,10 @@ def _last_refresh(reg: AdapterRegistry) -> dict[str, Any]:
 def test_labelled_alerts_join_the_next_refresh_and_the_audit_counts_them(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    inspector = Inspector.from_settings(make_tiny_settings(tmp_path, tta=TTA))
+    inspector = FrameScorer.from_settings(make_tiny_settings(tmp_path, tta=TTA))
     client = redis_server.client()
     keys = RedisKeys(f"labgate{uuid.uuid4().hex[:8]}")
-    reg = AdapterRegistry(client, keys)
+    reg = VersionRegistry(client, keys)
     svc = AdapterService(inspector, reg, [LINE], "w-test")
     for i, raw in enumerate(inspector.score_raw(LINE, _images(10, 0))):
         svc.observe(LINE, f"f{i}", raw, 10.0, time.time())

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from pipeline.adaptation.memory.service import COLD_START_KEY, MemoryService
-from pipeline.adaptation.registry import AdapterRegistry, TrainerLock
+from pipeline.adaptation.registry import RefreshLock, VersionRegistry
 from pipeline.evaluation import synth
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
+from pipeline.inspection.score_scale import from_z
 from pipeline.observability.telemetry import WorkerTelemetry
 from pipeline.streaming.envelope import build_headers
 from pipeline.streaming.frame_sources import encode
@@ -37,30 +38,30 @@ def _image(i: int, recurring: bool = False) -> np.ndarray:
 
 
 def _service(pipeline: Pipeline, text_cache_dir: Path, name: str,
-             **memory: Any) -> tuple[MemoryService, Inspector, WorkerTelemetry]:
+             **memory: Any) -> tuple[MemoryService, FrameScorer, WorkerTelemetry]:
     s = make_tiny_settings(text_cache_dir, memory={**MEMORY, **memory},
                            lines=[{"id": LINE, "class_name": "wood", "domain": "texture", "memory": "stream"}])
-    insp = Inspector.from_settings(s)
+    insp = FrameScorer.from_settings(s)
     tel = WorkerTelemetry()
-    reg = AdapterRegistry(pipeline.redis(), pipeline.keys, kind="banks")
+    reg = VersionRegistry(pipeline.redis(), pipeline.keys, kind="banks")
     return MemoryService(insp, reg, [LINE], name, tel), insp, tel
 
 
-def _batch(svc: MemoryService, insp: Inspector, start: int, n: int = 4) -> list:
+def _batch(svc: MemoryService, insp: FrameScorer, start: int, n: int = 4) -> list:
     raws = insp.score_raw(LINE, [_image(i) for i in range(start, start + n)], hidden_layers=svc.hidden_layers)
     return svc.score(LINE, raws, [f"{svc.worker_id}-{i}" for i in range(start, start + n)])
 
 
 def _cli(pipeline: Pipeline, *args: str) -> int:
-    return main(["adapters", *args, "--line", LINE, "--config", str(pipeline.config_path)])
+    return main(["versions", *args, "--line", LINE, "--config", str(pipeline.config_path)])
 
 
 def test_banks_are_versioned_shared_rolled_back_and_paused_through_the_registry(
         pipeline: Pipeline, text_cache_dir: Path, capsys: pytest.CaptureFixture) -> None:
     a, insp_a, tel_a = _service(pipeline, text_cache_dir, "wa")
     b, insp_b, _ = _service(pipeline, text_cache_dir, "wb")
-    banks = AdapterRegistry(pipeline.redis(), pipeline.keys, kind="banks")
-    adapters = AdapterRegistry(pipeline.redis(), pipeline.keys)
+    banks = VersionRegistry(pipeline.redis(), pipeline.keys, kind="banks")
+    adapters = VersionRegistry(pipeline.redis(), pipeline.keys)
     _batch(a, insp_a, 0)
     _batch(a, insp_a, 4)  # 4 frames admitted (window of 4 reached): the first bank is due
     assert a.run_pending() == 1
@@ -81,10 +82,11 @@ def test_banks_are_versioned_shared_rolled_back_and_paused_through_the_registry(
     scored_b = _batch(b, insp_b, 0)
     assert all(o.bank_version == "v1" for o in scored_b)
     assert b.lines[LINE].memory.bank.version == a.lines[LINE].memory.bank.version == meta["id"]
-    assert insp_b.thresholds(LINE).version_thresholds("bank:v1").image == pytest.approx(meta["thresholds"]["image"])
+    assert insp_b.thresholds(LINE).version_thresholds("bank:v1").image == pytest.approx(
+        from_z(meta["thresholds"]["image"]))  # stored in z, served on the anomaly scale
     assert tel_a.bank_version.labels(LINE, "v1")._value.get() == 1  # noqa: SLF001
     # one builder per line: while another worker holds the line's bank lock, a due build is skipped
-    lock = TrainerLock(pipeline.redis(), pipeline.keys, LINE, "someone-else", 30, kind="banks")
+    lock = RefreshLock(pipeline.redis(), pipeline.keys, LINE, "someone-else", 30, kind="banks")
     assert lock.acquire()
     for start in range(12, 40, 4):
         _batch(a, insp_a, start)
@@ -153,7 +155,7 @@ def test_a_worker_scores_a_line_with_its_memory_and_a_recurring_defect_stays_fla
     assert len(versions) >= 2, f"banks were built and refreshed: {served}"
     result_json = json.loads(pipeline.redis().get(pipeline.keys.frame(ids[-1], "result")))
     assert result_json["bank_version"] == served[-1] and result_json["adapter_version"] is None
-    banks = AdapterRegistry(pipeline.redis(), pipeline.keys, kind="banks")
+    banks = VersionRegistry(pipeline.redis(), pipeline.keys, kind="banks")
     assert set(versions) <= set(banks.versions(LINE)) and banks.current(LINE) == versions[-1]
     assert worker.metric("anoclip_bank_version", line=LINE, version=versions[-1]) == 1
     assert worker.metric("anoclip_bank_patches", line=LINE) > 0 and worker.metric("anoclip_bank_bytes", line=LINE) > 0
@@ -170,7 +172,7 @@ def test_a_worker_scores_a_line_with_its_memory_and_a_recurring_defect_stays_fla
 def test_a_bank_the_gate_refuses_is_audited_with_its_figures_and_never_published(
         pipeline: Pipeline, text_cache_dir: Path) -> None:
     strict, insp, tel = _service(pipeline, text_cache_dir, "ws", gate_max_normal_z=1e-6)  # every candidate fails
-    banks = AdapterRegistry(pipeline.redis(), pipeline.keys, kind="banks")
+    banks = VersionRegistry(pipeline.redis(), pipeline.keys, kind="banks")
     _batch(strict, insp, 0)
     _batch(strict, insp, 4)
     assert strict.run_pending() == 1
@@ -182,3 +184,55 @@ def test_a_bank_the_gate_refuses_is_audited_with_its_figures_and_never_published
     assert {"pixel_auroc_candidate", "pixel_auroc_serving", "normal_median_z_candidate"} <= set(gate)
     assert tel.bank_refreshes.labels(LINE, "refused")._value.get() == 1  # noqa: SLF001
     assert all(o.bank_version is None for o in _batch(strict, insp, 8)), "the line stays on mutual scoring"
+
+
+def test_one_line_adapts_and_remembers_both_refresh_on_one_score_scale(pipeline: Pipeline) -> None:
+    """`memory: stream` with `tta.mode: buffered` on one line: the worker starts, the bank and the adapter are
+    both refreshed from the line's own frames, results name both, and every score is on the 0..1 scale."""
+    cfg = pipeline.config
+    cfg["memory"] = MEMORY
+    cfg["lines"] = [x for x in cfg["lines"] if x["id"] != LINE] + [
+        {"id": LINE, "class_name": "wood", "domain": "texture", "memory": "stream"}]
+    cfg["tta"] = {"mode": "buffered", "refresh_every": 16, "min_frames": 8, "holdout": 0.3, "train_steps": 5,
+                  "train_share": 1.0, "batch_tokens": 256, "trainer_poll_s": 0.2, "lock_ttl_s": 3.0,
+                  "admit_image_z": None, "admit_max_abnormal_share": 1.0, "gate_max_flip_share": 1.0,
+                  "gate_auroc_margin": 1.0, "gate_min_contrast_ratio": 0.0}
+    worker = pipeline.start_worker("adapt-and-remember")
+    worker.wait_ready()
+    producer = FrameProducer(pipeline.settings)
+    ids = []
+    for i in range(64):
+        data, ctype = encode(_image(i), "png")
+        fid = f"{LINE}-ar{i}-{time.time_ns()}"
+        producer.send_raw(b"k", data, build_headers(fid, LINE, "cam-1", time.time_ns(), ctype))
+        ids.append(fid)
+        if i % 8 == 7:
+            producer.flush()
+            time.sleep(0.4)  # a live camera's pace: refreshes land between batches
+    producer.flush()
+    wait_for(lambda: len(pipeline.results([LINE])) >= len(ids), 90, "every frame scored")
+    adapters = VersionRegistry(pipeline.redis(), pipeline.keys)
+    banks = VersionRegistry(pipeline.redis(), pipeline.keys, kind="banks")
+    wait_for(lambda: adapters.current(LINE) is not None, 60, "an adapter promoted on the memory line")
+    assert banks.current(LINE) is not None, "a bank promoted on the same line"
+    assert worker.metric("anoclip_bank_refreshes_total", line=LINE, outcome="promoted") >= 1
+    assert worker.metric("anoclip_tta_runs_total", line=LINE, outcome="promoted") >= 1
+    late = _send_spread_one(pipeline, 8)
+    wait_for(lambda: all(pipeline.redis().exists(pipeline.keys.frame(f, "result")) for f in late), 60, "late frames")
+    res = [json.loads(pipeline.redis().get(pipeline.keys.frame(f, "result"))) for f in late]
+    assert {r["adapter_version"] for r in res} == {adapters.current(LINE)}, "scored through the line's adapter"
+    assert {r["bank_version"] for r in res} == {banks.current(LINE)}, "and judged with its bank"
+    scores = [float(r["score"]) for r in pipeline.results([LINE])]
+    assert all(0.0 <= s <= 1.0 for s in scores), "one score scale, 0 to 1, whatever the line runs"
+
+
+def _send_spread_one(pipeline: Pipeline, n: int) -> list[str]:
+    producer = FrameProducer(pipeline.settings)
+    ids = []
+    for i in range(n):
+        data, ctype = encode(_image(500 + i), "png")
+        fid = f"{LINE}-late{i}-{time.time_ns()}"
+        producer.send_raw(b"k", data, build_headers(fid, LINE, "cam-1", time.time_ns(), ctype))
+        ids.append(fid)
+    producer.flush()
+    return ids

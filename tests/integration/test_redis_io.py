@@ -8,12 +8,13 @@ import uuid
 
 import pytest
 
+from pipeline.inspection.thresholds import manual_override
 from pipeline.services.redis_client import RETRYABLE
 from pipeline.settings import RedisSettings
 from pipeline.streaming import redis_io
 from pipeline.streaming.local_stack import free_port, start_redis, stop_redis
 from pipeline.streaming.records import FrameResult
-from pipeline.streaming.redis_io import CONFLICT, DUPLICATE, WRITTEN, FrameOutput, ResultPublisher, manual_override
+from pipeline.streaming.redis_io import CONFLICT, DUPLICATE, WRITTEN, FrameOutput, ResultPublisher
 from tests.integration.conftest import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -189,8 +190,8 @@ def test_eviction_never_touches_registry_threshold_or_done_markers(tmp_path) -> 
         r, k = pub.client, pub.keys
         assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
         r.hset(k.threshold("bottle"), mapping={"image": "0.7", "source": "calibrated"})
-        r.set(k.adapter_current("bottle"), "v3")
-        r.hset(k.adapter_version("bottle", "v3"), mapping={"meta": "{}", "tensors": b"x" * 1000})
+        r.set(k.registry_current("bottle"), "v3")
+        r.hset(k.registry_version("bottle", "v3"), mapping={"meta": "{}", "tensors": b"x" * 1000})
         heat = bytes(range(256)) * 400  # ~100 KB, incompressible like a real heatmap PNG
         t = time.time_ns()
         ids = [f"f{i}" for i in range(240)]  # ~24 MB of heatmaps into 8 MB
@@ -202,7 +203,7 @@ def test_eviction_never_touches_registry_threshold_or_done_markers(tmp_path) -> 
         assert info["evicted_keys"] > 0 and info["used_memory"] <= 8 * 2**20 * 1.1
         assert all(r.exists(k.done_marker(fid)) for fid in ids), "no done marker evicted"
         assert r.hget(k.threshold("bottle"), "image") == b"0.7"
-        assert r.get(k.adapter_current("bottle")) == b"v3" and r.exists(k.adapter_version("bottle", "v3"))
+        assert r.get(k.registry_current("bottle")) == b"v3" and r.exists(k.registry_version("bottle", "v3"))
         assert r.exists(k.latest("bottle", "heatmap")) and r.xlen(k.results_stream("bottle")) >= 100
         assert sum(r.exists(k.frame(fid, "heatmap")) for fid in ids) < len(ids), "old heatmaps were evicted"
     finally:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.registry import VersionRegistry
 from pipeline.redis_keys import RedisKeys
 from tests.integration.conftest import RedisServer
 
@@ -57,23 +57,23 @@ def keys() -> RedisKeys:
 
 
 @pytest.fixture
-def other(redis_server: RedisServer, keys: RedisKeys) -> AdapterRegistry:
+def other(redis_server: RedisServer, keys: RedisKeys) -> VersionRegistry:
     """The concurrent writer: another process's registry, on its own connection."""
-    return AdapterRegistry(redis_server.client(), keys)
+    return VersionRegistry(redis_server.client(), keys)
 
 
 def _racing(redis_server: RedisServer, keys: RedisKeys, method: str, race: Callable[[], None],
-            times: int = 1) -> tuple[AdapterRegistry, RacingClient]:
+            times: int = 1) -> tuple[VersionRegistry, RacingClient]:
     client = RacingClient(redis_server.client(), method, race, times)
-    return AdapterRegistry(client, keys), client  # type: ignore[arg-type]
+    return VersionRegistry(client, keys), client  # type: ignore[arg-type]
 
 
-def _publish(reg: AdapterRegistry, base: str | None, actor: str = "w1") -> str | None:
+def _publish(reg: VersionRegistry, base: str | None, actor: str = "w1") -> str | None:
     res = reg.publish(LINE, b"T", {}, actor=actor, reason="good", base_version=base)
     return res.version if res.promoted else None
 
 
-def _moves(reg: AdapterRegistry) -> list[tuple[str, str, str]]:
+def _moves(reg: VersionRegistry) -> list[tuple[str, str, str]]:
     """(action, from, to) of every pointer move in the audit, oldest first; '' = no adapter."""
     out = []
     for e in reversed(reg.audit(LINE, count=10_000)):
@@ -83,7 +83,7 @@ def _moves(reg: AdapterRegistry) -> list[tuple[str, str, str]]:
     return out
 
 
-def _assert_consistent(reg: AdapterRegistry) -> None:
+def _assert_consistent(reg: VersionRegistry) -> None:
     """The audit's pointer moves chain (each starts where the previous one ended) and end at `current`;
     every version listed is whole (tensors and metadata) and nothing else is stored as a version."""
     pointer = ""
@@ -94,12 +94,12 @@ def _assert_consistent(reg: AdapterRegistry) -> None:
     versions = reg.versions(LINE)
     for v in versions:
         assert reg.tensors(LINE, v) == b"T" and reg.meta(LINE, v)["version"] == v
-    stored = {k.decode().rsplit(":", 1)[-1] for k in reg.client.scan_iter(reg.keys.adapter_version(LINE, "*"))}
+    stored = {k.decode().rsplit(":", 1)[-1] for k in reg.client.scan_iter(reg.keys.registry_version(LINE, "*"))}
     assert stored == set(versions), "a version was written outside its transaction"
 
 
 def test_rollback_retries_when_a_promotion_lands_between_its_read_and_its_write(
-    redis_server: RedisServer, keys: RedisKeys, other: AdapterRegistry
+    redis_server: RedisServer, keys: RedisKeys, other: VersionRegistry
 ) -> None:
     for base in (None, "v1", "v2"):
         _publish(other, base)
@@ -114,7 +114,7 @@ def test_rollback_retries_when_a_promotion_lands_between_its_read_and_its_write(
 
 
 def test_rollbacks_racing_each_other_both_land_in_order(
-    redis_server: RedisServer, keys: RedisKeys, other: AdapterRegistry
+    redis_server: RedisServer, keys: RedisKeys, other: VersionRegistry
 ) -> None:
     for base in (None, "v1", "v2"):
         _publish(other, base)
@@ -128,7 +128,7 @@ def test_rollbacks_racing_each_other_both_land_in_order(
 
 
 def test_rollback_keeps_retrying_while_the_pointer_keeps_moving(
-    redis_server: RedisServer, keys: RedisKeys, other: AdapterRegistry
+    redis_server: RedisServer, keys: RedisKeys, other: VersionRegistry
 ) -> None:
     _publish(other, None)
     bases = iter(["v1", "v2", "v3"])
@@ -139,7 +139,7 @@ def test_rollback_keeps_retrying_while_the_pointer_keeps_moving(
 
 
 def test_rollback_to_no_adapter_racing_a_promotion(
-    redis_server: RedisServer, keys: RedisKeys, other: AdapterRegistry
+    redis_server: RedisServer, keys: RedisKeys, other: VersionRegistry
 ) -> None:
     _publish(other, None)
     # "one step back" from v1 is no adapter; a promotion of v2 lands first, so the retry steps back to v1
@@ -151,7 +151,7 @@ def test_rollback_to_no_adapter_racing_a_promotion(
 
 @pytest.mark.parametrize("move", ["rollback", "promote", "pause"])
 def test_a_promotion_raced_by_a_pointer_move_or_a_pause_is_refused_after_its_retry(
-    redis_server: RedisServer, keys: RedisKeys, other: AdapterRegistry, move: str
+    redis_server: RedisServer, keys: RedisKeys, other: VersionRegistry, move: str
 ) -> None:
     for base in (None, "v1", "v2"):
         _publish(other, base)
@@ -178,14 +178,14 @@ def test_concurrent_writers_on_threads_leave_a_consistent_registry(
 ) -> None:
     """Not deterministic in its interleaving, only in what must hold after it: many publishers and
     rollbacks at once leave one current version and an unbroken, complete audit chain."""
-    seed = AdapterRegistry(redis_server.client(), keys)
+    seed = VersionRegistry(redis_server.client(), keys)
     _publish(seed, None)
     errors: list[BaseException] = []
     promoted: list[str] = []
     rolled: list[str | None] = []
 
     def publisher(name: str) -> None:
-        reg = AdapterRegistry(redis_server.client(), keys)
+        reg = VersionRegistry(redis_server.client(), keys)
         try:
             for _ in range(15):
                 v = _publish(reg, reg.current(LINE), actor=name)
@@ -195,7 +195,7 @@ def test_concurrent_writers_on_threads_leave_a_consistent_registry(
             errors.append(e)
 
     def roller(name: str) -> None:
-        reg = AdapterRegistry(redis_server.client(), keys)
+        reg = VersionRegistry(redis_server.client(), keys)
         try:
             for _ in range(15):
                 if reg.current(LINE) is not None:

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from pipeline.adaptation.tta.files import build_meta, save_adapter, target_for
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.model.adapters import create_adapter
 from pipeline.settings import load_settings
 from workers.cli import main
@@ -38,7 +38,7 @@ def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray((110 + rng.integers(0, 30, (64, 64, 3))).astype(np.uint8)).save(imgs / f"{i}.png")
-    inspector = Inspector.from_settings(load_settings(config))
+    inspector = FrameScorer.from_settings(load_settings(config))
     text = inspector.prepare_line("bottle")
     adapter = create_adapter("text", text, generator=torch.Generator().manual_seed(0))
     meta = build_meta(adapter, target_for(inspector, "bottle"), thresholds=OWN)

@@ -101,12 +101,12 @@ def test_sibling_folders_keep_their_names_and_a_rerun_replaces_its_own_outputs(t
 
 def test_paths_are_checked_before_the_model_loads(tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture) -> None:
-    from pipeline.inspection.inspector import Inspector
+    from pipeline.inspection.frame_scorer import FrameScorer
 
     def no_model(*_: object, **__: object) -> None:
         raise AssertionError("the model must not load before the paths are checked")
 
-    monkeypatch.setattr(Inspector, "from_settings", classmethod(no_model))
+    monkeypatch.setattr(FrameScorer, "from_settings", classmethod(no_model))
     assert _score(tmp_path, "--line", "bottle", str(images / "typo.png")) == 2
     assert "no such file or folder: " in capsys.readouterr().err
     empty = tmp_path / "empty"

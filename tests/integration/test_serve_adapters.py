@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.registry import VersionRegistry
 from pipeline.adaptation.tta.files import build_meta, target_for, to_bytes
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.inspection.imaging import decode_image
-from pipeline.inspection.inspector import Inspector
 from pipeline.model.adapters import create_adapter
 from pipeline.redis_keys import RedisKeys
 from pipeline.streaming import local_stack as stack
@@ -48,7 +48,7 @@ def _image() -> bytes:
     return encode((110 + rng.integers(0, 30, (64, 64, 3))).astype(np.uint8), "png")[0]
 
 
-def _publish(reg: AdapterRegistry, inspector: Inspector, seed: int, thresholds: dict[str, Any],
+def _publish(reg: VersionRegistry, inspector: FrameScorer, seed: int, thresholds: dict[str, Any],
              base: str | None) -> tuple[Any, str]:
     adapter = create_adapter(inspector.line(LINE).adapter_kind, inspector.prepare_line(LINE),
                              generator=torch.Generator().manual_seed(seed))
@@ -62,8 +62,8 @@ def test_serve_follows_the_registrys_promoted_adapter(redis_server: RedisServer,
     prefix = f"sa{uuid.uuid4().hex[:8]}"
     settings = make_tiny_settings(text_cache_dir, tta={"mode": "buffered", "trainer_poll_s": 0.05},
                                   redis={"url": redis_server.url, "prefix": prefix})
-    inspector = Inspector.from_settings(settings)
-    reg = AdapterRegistry(redis_server.client(), RedisKeys(prefix))
+    inspector = FrameScorer.from_settings(settings)
+    reg = VersionRegistry(redis_server.client(), RedisKeys(prefix))
     v1_adapter, v1 = _publish(reg, inspector, 0, V1, None)
     body = _image()
     with serving(settings, inspector) as (state, port):
@@ -107,7 +107,7 @@ def test_serve_follows_the_registrys_promoted_adapter(redis_server: RedisServer,
 
 
 @pytest.mark.parametrize(("tta", "reason"), [
-    ("buffered", "serving the base model, not the registry's adapters: Redis at redis://127.0.0.1:"),
+    ("buffered", "serving the base model: Redis at redis://127.0.0.1:"),
     ("off", "serving the base model: tta.mode is off"),
 ])
 def test_serve_falls_back_to_the_base_model_and_says_why(text_cache_dir: Path, caplog: pytest.LogCaptureFixture,
@@ -115,7 +115,7 @@ def test_serve_falls_back_to_the_base_model_and_says_why(text_cache_dir: Path, c
     settings = make_tiny_settings(text_cache_dir, tta={"mode": tta},
                                   redis={"url": f"redis://127.0.0.1:{stack.free_port()}/0"})  # nothing listens
     with caplog.at_level(logging.INFO, logger="anoclip.serve"), \
-            serving(settings, Inspector.from_settings(settings)) as (state, port):
+            serving(settings, FrameScorer.from_settings(settings)) as (state, port):
         assert state.adapters is None
         assert any(reason in rec.getMessage() for rec in caplog.records), caplog.text
         code, r = _call(port, "POST", f"/v1/lines/{LINE}/inspect", _image())

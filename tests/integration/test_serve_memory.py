@@ -15,12 +15,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.adaptation.memory.bank import MemoryParams, bank_from_images, to_bytes
+from pipeline.adaptation.memory.files import to_bytes
+from pipeline.adaptation.memory.params import MemoryParams
+from pipeline.adaptation.memory.scoring import bank_from_images
 from pipeline.adaptation.memory.service import MemoryService
-from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.registry import VersionRegistry
 from pipeline.evaluation import synth
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.inspection.imaging import decode_image
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.score_scale import from_z
 from pipeline.redis_keys import RedisKeys
 from pipeline.serving.app import NO_BANK_RETRY_S, ServeState, create_app
 from pipeline.settings import Settings
@@ -63,7 +66,7 @@ def _png(i: int) -> bytes:
     return encode(_frame(i), "png")[0]
 
 
-def _publish(banks: AdapterRegistry, inspector: Inspector, settings: Settings, first: int,
+def _publish(banks: VersionRegistry, inspector: FrameScorer, settings: Settings, first: int,
              thresholds: dict[str, Any], base: str | None) -> str:
     """A bank of known-normal frames, published to the registry as a worker's builder publishes one."""
     params = MemoryParams.from_settings(settings.memory)
@@ -76,10 +79,10 @@ def _publish(banks: AdapterRegistry, inspector: Inspector, settings: Settings, f
     return res.version
 
 
-def _worker_score(settings: Settings, banks: AdapterRegistry, version: str, body: bytes) -> tuple[float, str]:
+def _worker_score(settings: Settings, banks: VersionRegistry, version: str, body: bytes) -> tuple[float, str]:
     """The same frame through the worker's path: its own `MemoryService` on the same registry, the frame scored
     with `hidden_layers` and `score` (then admitted there, in that service only), judged with its threshold key."""
-    insp = Inspector.from_settings(settings)
+    insp = FrameScorer.from_settings(settings)
     worker = MemoryService(insp, banks, [LINE], "worker-test")
     assert worker.sync(LINE)
     image = decode_image(body, content_type="image/png")
@@ -94,9 +97,9 @@ def test_serve_scores_a_memory_line_with_the_registrys_bank_and_admits_nothing(
         redis_server: RedisServer, text_cache_dir: Path) -> None:
     prefix = f"sm{uuid.uuid4().hex[:8]}"
     settings = _settings(text_cache_dir, redis_server.url, prefix)
-    inspector = Inspector.from_settings(settings)
+    inspector = FrameScorer.from_settings(settings)
     keys = RedisKeys(prefix)
-    banks = AdapterRegistry(redis_server.client(), keys, kind="banks")
+    banks = VersionRegistry(redis_server.client(), keys, kind="banks")
     body = _png(50)
     with serving(settings, inspector) as (state, port):
         # cold start: no bank, and no window of the line's recent frames to score mutually against
@@ -113,9 +116,11 @@ def test_serve_scores_a_memory_line_with_the_registrys_bank_and_admits_nothing(
         r = wait_for(lambda: (x := _call(port, "POST", f"/v1/lines/{LINE}/inspect", body))[0] == 200 and x[1],
                      20, "serve to load the line's first bank")
         assert r["bank_version"] == v1 and r["adapter_version"] is None
-        assert (r["threshold"], r["pixel_threshold"], r["threshold_source"]) == (V1["image"], V1["pixel"], "version")
+        assert r["threshold_source"] == "version"  # the bank's own, stored in z, served on the anomaly scale
+        assert (r["threshold"], r["pixel_threshold"]) == pytest.approx((from_z(V1["image"]), from_z(V1["pixel"])),
+                                                                      abs=1e-6)
         score, verdict = _worker_score(settings, banks, v1, body)
-        assert r["score"] == pytest.approx(score, abs=1e-5)  # the worker's fused z score, not zero-shot
+        assert r["score"] == pytest.approx(score, abs=1e-5)  # the worker's fused score, not zero-shot
         (zero_shot,) = inspector.score_raw(LINE, [decode_image(body, content_type="image/png")])
         assert abs(r["score"] - zero_shot.score) > 1e-3, "else this shows nothing"
         assert r["verdict"] == verdict
@@ -137,12 +142,13 @@ def test_serve_scores_a_memory_line_with_the_registrys_bank_and_admits_nothing(
         assert (mem.admitted, mem.pending.rows, len(mem.window), mem.pending_frames) == (0, 0, 0, 0)
         assert state.memory.run_pending() == 0
         assert banks.versions(LINE) == [v1], "serve never publishes a bank"
-        assert not redis_server.client().exists(keys.adapter_lock(LINE, kind="banks")), "nor takes the bank lock"
+        assert not redis_server.client().exists(keys.registry_lock(LINE, kind="banks")), "nor takes the bank lock"
 
         v2 = _publish(banks, inspector, settings, 10, V2, v1)  # promoted while serving: followed
         r = wait_for(lambda: (x := _call(port, "POST", f"/v1/lines/{LINE}/inspect", body)[1])["bank_version"] == v2
                      and x, 20, "serve to follow the promotion")
-        assert (r["threshold"], r["pixel_threshold"]) == (V2["image"], V2["pixel"])
+        assert (r["threshold"], r["pixel_threshold"]) == pytest.approx((from_z(V2["image"]), from_z(V2["pixel"])),
+                                                                      abs=1e-6)
         assert r["score"] == pytest.approx(_worker_score(settings, banks, v2, body)[0], abs=1e-5)
         assert served_versions(port, "anoclip_bank_version") == {LINE: v2}
 
@@ -160,7 +166,7 @@ def test_serve_scores_a_memory_line_with_the_registrys_bank_and_admits_nothing(
 
 def test_memory_line_answers_503_while_redis_is_unreachable(text_cache_dir: Path) -> None:
     settings = _settings(text_cache_dir, f"redis://127.0.0.1:{stack.free_port()}/0", "nobody")  # nothing listens
-    with serving(settings, Inspector.from_settings(settings)) as (state, port):
+    with serving(settings, FrameScorer.from_settings(settings)) as (state, port):
         code, r, _ = _call(port, "POST", f"/v1/lines/{LINE}/inspect", _png(0))
         assert code == 503 and r["stage"] == "memory", r
         code, ready, _ = _call(port, "GET", "/readyz")

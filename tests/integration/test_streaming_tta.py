@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import redis as redis_lib
 
-from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.registry import VersionRegistry
 from pipeline.adaptation.tta.service import AdapterService
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.model import create_anoclip
 from pipeline.redis_keys import RedisKeys
 from pipeline.streaming.envelope import build_headers
@@ -45,9 +45,9 @@ FAST_TTA: dict[str, Any] = {
 }
 
 
-def _setup(pipeline: Pipeline, **tta: Any) -> AdapterRegistry:
+def _setup(pipeline: Pipeline, **tta: Any) -> VersionRegistry:
     pipeline.config["tta"] = {**FAST_TTA, **tta}
-    return AdapterRegistry(pipeline.redis(), pipeline.keys)
+    return VersionRegistry(pipeline.redis(), pipeline.keys)
 
 
 def _send_spread(pipeline: Pipeline, n: int, start: int) -> list[str]:
@@ -70,7 +70,7 @@ def _results_for(pipeline: Pipeline, ids: list[str]) -> list[dict[str, str]]:
 
 
 def _cli(pipeline: Pipeline, *args: str) -> int:
-    return main(["adapters", *args, "--line", LINE, "--config", str(pipeline.config_path)])
+    return main(["versions", *args, "--line", LINE, "--config", str(pipeline.config_path)])
 
 
 def _serving(pipeline: Pipeline, version: str) -> bool:
@@ -143,7 +143,7 @@ def test_dead_trainer_lock_expires_and_another_worker_refreshes(pipeline: Pipeli
     are written whole with the pointer move, in one transaction). Another worker waits out the lease."""
     reg = _setup(pipeline)
     r = pipeline.redis()
-    lock_key = pipeline.keys.adapter_lock(LINE)
+    lock_key = pipeline.keys.registry_lock(LINE)
     b = pipeline.start_worker("b")
     b.wait_ready()
     ids = _send_spread(pipeline, 12, 0)
@@ -153,7 +153,7 @@ def test_dead_trainer_lock_expires_and_another_worker_refreshes(pipeline: Pipeli
     assert _cli(pipeline, "refresh", "--timeout", "60") == 0
     assert time.monotonic() - t0 >= 2.5, "the refresh waited for the dead trainer's lease to run out"
     assert reg.current(LINE) == "v1" and reg.versions(LINE) == ["v1"]
-    assert r.hexists(pipeline.keys.adapter_version(LINE, "v1"), "tensors")
+    assert r.hexists(pipeline.keys.registry_version(LINE, "v1"), "tensors")
     promote = reg.audit(LINE)[0]
     assert promote["action"] == "promote" and promote["actor"] == "b"
     assert r.get(lock_key) is None, "the trainer released its lock"
@@ -174,7 +174,7 @@ def test_persistent_defect_keeps_alerting(redis_server: RedisServer, tmp_path: P
     normals = [synth.render_part("bottle", 64, i, None)[0] for i in range(60)]
     settings = make_tiny_settings(tmp_path, tta={**FAST_TTA, "refresh_every": 12, "min_frames": 8})
     model = create_anoclip(settings.model)
-    probe = Inspector(settings, model)
+    probe = FrameScorer(settings, model)
     base_normal = np.array([r.score for r in probe.score_raw("bottle", normals)])
     # The base model is random: find a planted pattern it scores above every normal frame.
     best = None
@@ -190,9 +190,9 @@ def test_persistent_defect_keeps_alerting(redis_server: RedisServer, tmp_path: P
         lines=[{"id": "bottle", "class_name": "bottle", "threshold": {"image": threshold}}],
         tta={**FAST_TTA, "refresh_every": 12, "min_frames": 8},
     )
-    insp = Inspector(settings, model)
+    insp = FrameScorer(settings, model)
     client = redis_lib.Redis.from_url(redis_server.url)
-    reg = AdapterRegistry(client, RedisKeys(f"persist{rng.integers(1 << 30)}"))
+    reg = VersionRegistry(client, RedisKeys(f"persist{rng.integers(1 << 30)}"))
     service = AdapterService(insp, reg, ["bottle"], "w-test")
 
     flagged, promoted = [], 0

@@ -1,7 +1,7 @@
 """The adaptation gate that is not circular (issue 11, items 2-3): synthetic positives pasted into the newest
 held-out frames, pixel AUROC and contrast against the serving version, operator labels joining, and the
 thresholds each candidate carries. Synthetic tokens (`Line`) for the pure gate; the tiny model for the
-wiring through `BufferedTTA` and `Inspector.judge`."""
+wiring through `BufferedTTA` and `FrameScorer.judge`."""
 
 from __future__ import annotations
 
@@ -14,16 +14,11 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline.adaptation.synthetic import KINDS, cutpaste, perlin_paste, synthetic_anomaly
 from pipeline.adaptation.tta.buffered import BufferedTTA
-from pipeline.inspection.inspector import Inspector
-from pipeline.model.self_training import (
-    GateRule,
-    LabelledFrame,
-    TokenSet,
-    calibrate_thresholds,
-    grid_map_fn,
-    pixel_auroc,
-    validate_adapter,
-)
+from pipeline.inspection.frame_scorer import FrameScorer
+from pipeline.model.tta_gate import GateFrame, calibrate_thresholds, pixel_auroc, validate_adapter
+from pipeline.model.tta_params import GateRule
+from pipeline.model.tta_scoring import grid_map_fn
+from pipeline.model.tta_train import TokenSet
 from tests.conftest import make_tiny_settings
 from tests.unit.test_tta import Line
 
@@ -119,7 +114,7 @@ def test_gate_refuses_a_global_shift_towards_normal_on_labelled_positives(line: 
 
 def test_operator_labelled_frames_join_the_gate(line: Line) -> None:
     val = TokenSet.from_frames(line.frames(10))
-    labelled = [LabelledFrame(f.tokens, f.mask, "operator") for f in line.positives(2)]
+    labelled = [GateFrame(f.tokens, f.mask, "operator") for f in line.positives(2)]
     result = validate_adapter(lambda x: x, val, line.text, positives=labelled)
     assert result.accepted and result.figures["operator_frames"] == 2
 
@@ -148,16 +143,16 @@ def _normals(n: int) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def tiny(text_cache_dir: Path) -> Inspector:
+def tiny(text_cache_dir: Path) -> FrameScorer:
     s = make_tiny_settings(
         text_cache_dir,
         lines=[{"id": "bottle", "class_name": "bottle", "threshold": {"warmup_frames": 20}}],
         tta={"min_frames": 12, "refresh_every": 1000, "train_steps": 10, "gate_positives": 6},
     )
-    return Inspector.from_settings(s)
+    return FrameScorer.from_settings(s)
 
 
-def test_buffered_refresh_pastes_defects_into_the_newest_held_out_frames(tiny: Inspector) -> None:
+def test_buffered_refresh_pastes_defects_into_the_newest_held_out_frames(tiny: FrameScorer) -> None:
     st = BufferedTTA.for_line(tiny, "bottle")
     for i, raw in enumerate(tiny.score_raw("bottle", _normals(30))):
         st.observe(f"f{i}", raw.tokens, raw.score, input_hw=raw.input_hw, image=raw.image)
@@ -165,9 +160,9 @@ def test_buffered_refresh_pastes_defects_into_the_newest_held_out_frames(tiny: I
     img = _normals(1)[0]
     mask = np.zeros((64, 64), bool)
     mask[10:20, 10:30] = True
-    st.add_labelled(img, mask)
+    st.add_known_defect(img, mask)
     with pytest.raises(ValueError, match="non-empty"):
-        st.add_labelled(img, np.zeros((64, 64), bool))
+        st.add_known_defect(img, np.zeros((64, 64), bool))
     adapter, report = st.train_candidate(timed=False)
     assert adapter is not None
     assert report.frames_val == 6 and report.extra["positives"] == {"synthetic": 6, "operator": 1, "false_alarm": 0}
@@ -185,7 +180,7 @@ def _planted(img: np.ndarray, channel: int, side: int = 16) -> np.ndarray:
 
 
 def test_after_a_promotion_the_pixel_threshold_is_the_versions_and_a_planted_defect_still_shows(
-    tiny: Inspector,
+    tiny: FrameScorer,
 ) -> None:
     th = tiny.thresholds("bottle")
     normals = _normals(40)
@@ -226,10 +221,10 @@ def test_after_a_promotion_the_pixel_threshold_is_the_versions_and_a_planted_def
 def test_eval_scorer_serves_a_batchs_later_frames_with_what_a_mid_batch_refresh_promoted(
     text_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.adaptation.tta.buffered import eval_scorer
+    from pipeline.adaptation.tta.eval_scorers import eval_scorer
 
     # wiring only: a gate that lets every finite candidate through (random weights make its verdicts coin tosses)
-    tiny = Inspector.from_settings(make_tiny_settings(text_cache_dir, tta={
+    tiny = FrameScorer.from_settings(make_tiny_settings(text_cache_dir, tta={
         "train_steps": 10, "gate_positives": 6, "gate_auroc_margin": 1.0, "gate_min_contrast_ratio": 0.0,
         "gate_min_spread_ratio": 0.0, "gate_max_flip_share": 1.0}))
 

@@ -24,17 +24,18 @@ from pipeline.adaptation.tta.files import (
     to_bytes,
 )
 from pipeline.errors import AdapterMismatchError
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.model.adapters import ResidualAdapter
-from pipeline.model.self_training import BufferedBudget, TokenSet, TTAParams, train_buffered
+from pipeline.model.tta_params import BufferedBudget, TTAParams
+from pipeline.model.tta_train import TokenSet, train_buffered
 from tests.conftest import make_tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def inspector(text_cache_dir: Path) -> Inspector:
-    return Inspector.from_settings(make_tiny_settings(text_cache_dir))
+def inspector(text_cache_dir: Path) -> FrameScorer:
+    return FrameScorer.from_settings(make_tiny_settings(text_cache_dir))
 
 
 def _images(n: int, seed: int) -> list[np.ndarray]:
@@ -42,7 +43,7 @@ def _images(n: int, seed: int) -> list[np.ndarray]:
     return [(100 + rng.integers(0, 40, (64, 64, 3))).astype(np.uint8) for _ in range(n)]
 
 
-def _trained(inspector: Inspector, line: str) -> ResidualAdapter:
+def _trained(inspector: FrameScorer, line: str) -> ResidualAdapter:
     raws = inspector.score_raw(line, _images(6, seed=1))
     text = inspector.prepare_line(line)
     ts = TokenSet.from_frames([r.tokens for r in raws])
@@ -52,7 +53,7 @@ def _trained(inspector: Inspector, line: str) -> ResidualAdapter:
 
 
 @pytest.mark.parametrize("line", ["bottle", "pcb1"])  # text and linear adapters
-def test_round_trip_reproduces_scores_exactly(inspector: Inspector, tmp_path: Path, line: str) -> None:
+def test_round_trip_reproduces_scores_exactly(inspector: FrameScorer, tmp_path: Path, line: str) -> None:
     adapter = _trained(inspector, line)
     target = target_for(inspector, line)
     meta = build_meta(adapter, target, training_window={"frames": 6}, validation={"spread_ratio": 1.5})
@@ -72,7 +73,7 @@ def test_round_trip_reproduces_scores_exactly(inspector: Inspector, tmp_path: Pa
     assert to_bytes(adapter, meta) == path.read_bytes()  # the registry stores exactly the file's bytes
 
 
-def test_metadata_describes_the_adapter(inspector: Inspector) -> None:
+def test_metadata_describes_the_adapter(inspector: FrameScorer) -> None:
     adapter = _trained(inspector, "bottle")
     meta = read_meta(to_bytes(adapter, build_meta(adapter, target_for(inspector, "bottle"),
                                                   training_window={"first_frame": "a.png"})))
@@ -84,7 +85,7 @@ def test_metadata_describes_the_adapter(inspector: Inspector) -> None:
     assert meta["created"] and meta["training_window"] == {"first_frame": "a.png"} and len(meta["id"]) == 12
 
 
-def test_mismatched_adapters_are_refused_with_the_reason(inspector: Inspector, tmp_path: Path) -> None:
+def test_mismatched_adapters_are_refused_with_the_reason(inspector: FrameScorer, tmp_path: Path) -> None:
     adapter = _trained(inspector, "bottle")
     target = target_for(inspector, "bottle")
     data = to_bytes(adapter, build_meta(adapter, target))
@@ -100,7 +101,7 @@ def test_mismatched_adapters_are_refused_with_the_reason(inspector: Inspector, t
     for needle, bad in cases.items():
         with pytest.raises(AdapterMismatchError, match=needle):
             from_bytes(data, bad, text)
-    # a line whose prompts differ (here: another class) is refused through the Inspector's own target
+    # a line whose prompts differ (here: another class) is refused through the FrameScorer's own target
     path = save_adapter(tmp_path / "bottle.safetensors", adapter, build_meta(adapter, target))
     with pytest.raises(AdapterMismatchError, match=r"bottle\.safetensors: adapter does not fit"):
         load_adapter(path, target_for(inspector, "wood"), inspector.prepare_line("wood"))
@@ -116,7 +117,7 @@ class _Boom:
         return (os.system, ("touch /tmp/anoclip-adapter-unpickled",))
 
 
-def test_non_adapter_files_are_refused_and_never_unpickled(inspector: Inspector, tmp_path: Path) -> None:
+def test_non_adapter_files_are_refused_and_never_unpickled(inspector: FrameScorer, tmp_path: Path) -> None:
     target = target_for(inspector, "bottle")
     text = inspector.prepare_line("bottle")
     marker = Path("/tmp/anoclip-adapter-unpickled")
@@ -145,7 +146,7 @@ def test_targets_compare_all_fields() -> None:
     assert dataclasses.replace(t, kind=None).kind is None and t != dataclasses.replace(t, line="other")
 
 
-def test_an_adapter_carries_its_own_thresholds(inspector: Inspector) -> None:
+def test_an_adapter_carries_its_own_thresholds(inspector: FrameScorer) -> None:
     adapter = _trained(inspector, "bottle")
     target = target_for(inspector, "bottle")
     th = {"pixel": 0.457, "pixel_median": 0.452, "image": None, "image_heldout": float("nan"), "frames": 8}

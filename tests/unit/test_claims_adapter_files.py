@@ -33,8 +33,9 @@ from pipeline.adaptation.tta.files import (
 )
 from pipeline.errors import AdapterMismatchError
 from pipeline.model.adapters import create_adapter
-from pipeline.model.self_training import BufferedBudget, TokenSet, TTAParams, refresh_adapter
 from pipeline.model.text import TextFeatures
+from pipeline.model.tta_params import BufferedBudget, TTAParams
+from pipeline.model.tta_train import TokenSet, refresh_adapter
 
 C = 16
 TARGET = AdapterTarget("anoclip-tiny", "w-1", C, "p-1", "bottle", "text")
@@ -254,3 +255,15 @@ def test_a_lines_target_is_what_the_inspector_serves() -> None:
                                 line=lambda line: SimpleNamespace(adapter_kind="linear"))
     assert target_for(inspector, "pcb1") == AdapterTarget("ViT-B-16", "w-9", 512, "hash-of-pcb1", "pcb1", "linear",
                                                           "bf16")
+
+
+def test_a_header_nested_past_the_parsers_depth_is_refused_by_name_not_a_crash() -> None:
+    """A crafted registry blob (200 KB of nested `[`) once raised RecursionError and crash-looped every worker."""
+    import struct
+
+    from pipeline.errors import AdapterMismatchError
+
+    header = b"[" * 200_000
+    blob = struct.pack("<Q", len(header)) + header
+    with pytest.raises(AdapterMismatchError, match="no anoclip_adapter metadata|not an anoclip adapter"):
+        read_meta(blob)

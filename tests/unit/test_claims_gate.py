@@ -16,15 +16,10 @@ import torch.nn.functional as F
 from pipeline.adaptation.tta.files import AdapterTarget, build_meta, from_bytes, to_bytes
 from pipeline.errors import AdapterMismatchError
 from pipeline.model.adapters import create_adapter
-from pipeline.model.self_training import (
-    BufferedBudget,
-    GateRule,
-    TokenSet,
-    TTAParams,
-    refresh_adapter,
-    validate_adapter,
-)
 from pipeline.model.text import TextFeatures
+from pipeline.model.tta_gate import validate_adapter
+from pipeline.model.tta_params import BufferedBudget, GateRule, TTAParams
+from pipeline.model.tta_train import TokenSet, refresh_adapter
 
 C, P = 32, 64
 

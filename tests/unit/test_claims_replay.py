@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from pipeline.adaptation.tta.buffered import BufferedTTA, replay_buffered
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from tests.conftest import make_tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def inspector(text_cache_dir: Path) -> Inspector:
-    return Inspector.from_settings(make_tiny_settings(
+def inspector(text_cache_dir: Path) -> FrameScorer:
+    return FrameScorer.from_settings(make_tiny_settings(
         text_cache_dir, tta={"min_frames": 6, "refresh_every": 10, "train_steps": 10, "holdout": 0.25}))
 
 
@@ -31,7 +31,7 @@ def _images(n: int) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("accept", [True, False])
 def test_frames_after_the_first_refresh_follow_its_outcome(
-    inspector: Inspector, monkeypatch: pytest.MonkeyPatch, accept: bool
+    inspector: FrameScorer, monkeypatch: pytest.MonkeyPatch, accept: bool
 ) -> None:
     st = BufferedTTA.for_line(inspector, "bottle")
     real = st.train_candidate

@@ -19,7 +19,7 @@ import pytest
 from kafka import TopicPartition
 from PIL import Image
 
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.observability.telemetry import Health, WorkerTelemetry
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
@@ -50,15 +50,15 @@ def _frame(offset: int, value: bytes, line: str = "bottle", tp: TopicPartition =
 
 
 @pytest.fixture(scope="module")
-def inspector(text_cache_dir: Path) -> Inspector:
-    return Inspector.from_settings(make_tiny_settings(text_cache_dir))
+def inspector(text_cache_dir: Path) -> FrameScorer:
+    return FrameScorer.from_settings(make_tiny_settings(text_cache_dir))
 
 
 # --- the DLQ `inspect` stage -----------------------------------------------------------------------
 class _Poisoned:
-    """The real Inspector, except that any batch holding a 40x40 frame raises (a model/shape bug)."""
+    """The real FrameScorer, except that any batch holding a 40x40 frame raises (a model/shape bug)."""
 
-    def __init__(self, real: Inspector) -> None:
+    def __init__(self, real: FrameScorer) -> None:
         self.real = real
 
     def score_raw(self, line: str, images: list[np.ndarray], *a: Any, **k: Any) -> Any:
@@ -78,7 +78,7 @@ def _scorer(inspector: Any, settings: Settings) -> tuple[BatchScorer, list[tuple
     return scorer, dead, published
 
 
-def test_frame_breaking_inspection_is_dead_lettered_at_stage_inspect(inspector: Inspector) -> None:
+def test_frame_breaking_inspection_is_dead_lettered_at_stage_inspect(inspector: FrameScorer) -> None:
     scorer, dead, published = _scorer(_Poisoned(inspector), inspector.settings)
     frames = [_frame(0, _png(64, 64)), _frame(1, _png(40, 40)), _frame(2, _png(48, 80)), _frame(3, b"junk")]
     scorer.score_batch(Batch("bottle", frames))
@@ -91,7 +91,7 @@ def test_frame_breaking_inspection_is_dead_lettered_at_stage_inspect(inspector: 
 
 
 def test_an_unexpected_error_dead_letters_the_batch_at_stage_inspect_and_the_thread_lives_on(
-    inspector: Inspector, monkeypatch: pytest.MonkeyPatch
+    inspector: FrameScorer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scorer, dead, published = _scorer(inspector, inspector.settings)
 
@@ -267,10 +267,10 @@ class _Publisher:
 
 
 def _housekeeping(text_cache_dir: Path, state: dict[str, dict[str, str]],
-                  quantile: float = 0.5) -> tuple[Housekeeping, Inspector, WorkerTelemetry, _Publisher]:
+                  quantile: float = 0.5) -> tuple[Housekeeping, FrameScorer, WorkerTelemetry, _Publisher]:
     lines = [{"id": "pcb1", "class_name": "pcb1", "threshold": {"warmup_frames": 4, "quantile": quantile}}]
     s = make_tiny_settings(text_cache_dir, lines=lines)
-    insp = Inspector.from_settings(s)
+    insp = FrameScorer.from_settings(s)
     telemetry = WorkerTelemetry()
     pub = _Publisher(state)
     hk = Housekeeping(s, insp, pub, telemetry, RedisStatus(Health(), telemetry), lambda: {"worker": "t"})  # type: ignore[arg-type]

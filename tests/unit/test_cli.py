@@ -95,9 +95,9 @@ def test_json_log_lines_carry_line_and_frame_ids_as_fields(capsys: pytest.Captur
 
 
 def test_demo_alert_lines_describe_regions_in_words() -> None:
-    from workers.demo import _fmt_alert
+    from pipeline.jobs.demo import format_alert
 
-    line = _fmt_alert({"line": "bottle", "camera": "demo-cam", "frame_id": "f1", "score": "0.91", "threshold": "0.5",
+    line = format_alert({"line": "bottle", "camera": "demo-cam", "frame_id": "f1", "score": "0.91", "threshold": "0.5",
                        "regions": json.dumps([{"area": 1200, "box": [10, 10, 50, 40]}]), "width": "256",
                        "height": "256", "synthetic_defect": "scratch"})
     assert "1 region, largest 1.8% of frame, upper left" in line and "[drawn: scratch]" in line

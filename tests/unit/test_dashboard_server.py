@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.dashboard.entries import decode_value, stream_entry
+from pipeline.dashboard.images import outline_png, thumbnail
 from pipeline.dashboard.live import CLOSE, LiveFeed
 from pipeline.dashboard.server import COOKIE, DashboardServer, cookie_value, host_allowed, is_loopback, parse_tokens
-from pipeline.dashboard.store import DashboardStore, decode_value, outline_png, stream_entry, thumbnail
+from pipeline.dashboard.store import DashboardStore
 from pipeline.errors import ConfigError
 from pipeline.inspection.render import mask_png
 from pipeline.settings import Settings, load_settings

@@ -275,7 +275,7 @@ def test_the_expected_processes_are_deployed() -> None:
     for where in ("k8s", "compose"):
         assert (where, "worker") in subs and (where, "dashboard") in subs, f"{where}: {subs}"
         assert (where, "serve") in subs, f"{where} should run the HTTP inspection API: {subs}"
-    assert ("k8s", "adapters") in subs, "Kubernetes should run adapter refresh jobs"
+    assert ("k8s", "versions") in subs, "Kubernetes should run adapter refresh jobs"
 
 
 @pytest.mark.parametrize("c", all_containers(), ids=_ids(all_containers()))
@@ -295,7 +295,7 @@ def test_cronjobs_refresh_every_configured_line() -> None:
     refreshed = []
     for c in k8s_containers():
         sub, args = _parse_cli(c.argv)
-        if sub == "adapters":
+        if sub == "versions":
             assert args.action == "refresh", c.where
             refreshed.append(args.line)
     assert sorted(refreshed) == sorted(line.id for line in cfg.lines)

@@ -22,11 +22,14 @@ RANKS = {
     "model": 1,
     "inspection": 2,
     "adaptation": 3,
+    "verdicts": 3.5,  # the one verdict path over what a line is served (adapter, bank, thresholds)
     "evaluation": 4,
     "streaming": 5,
     "dashboard": 6,
     "serving": 6,  # the HTTP inspection API (anoclip serve)
+    "jobs": 7,  # whole jobs the commands run: a job may use every wing; nothing in pipeline imports jobs
 }
+MAX_WORKER_LINES = 150  # a command module parses arguments, makes one call, prints its summary
 MODEL_MAY_IMPORT = {"torch", "open_clip", "numpy", "pipeline.errors", "pipeline.settings"}
 
 
@@ -116,7 +119,8 @@ def test_model_is_pure_torch(path: Path) -> None:
 
 def test_workers_are_thin_commands() -> None:
     """Sub-commands parse arguments and call into pipeline: no classes, no command importing another (shared
-    argument helpers, modules that are no command, may be imported)."""
+    argument helpers, modules that are no command, may be imported), and short (a whole job belongs in
+    pipeline/jobs/)."""
     from workers.cli import COMMANDS
 
     commands = {module for module, _ in COMMANDS.values()} | {"workers.cli"}
@@ -126,3 +130,6 @@ def test_workers_are_thin_commands() -> None:
         assert not classes, f"workers/{path.name} defines {classes}: runtime classes belong in pipeline/"
         others = {i for i in _imports(path) if ".".join(i.split(".")[:2]) in commands}
         assert not others, f"workers/{path.name} imports {others}"
+        lines = len(path.read_text().splitlines())
+        assert lines <= MAX_WORKER_LINES, \
+            f"workers/{path.name} has {lines} lines (at most {MAX_WORKER_LINES}): move the job to pipeline/jobs/"

@@ -7,22 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.adaptation.memory import bank as mb
-from pipeline.adaptation.memory.bank import (
-    BankTarget,
-    MemoryBankError,
-    MemoryParams,
-    StreamMemory,
-    admit_patches,
-    bank_from_images,
-    build_bank,
-    from_bytes,
-    replay_stream,
-    score_frames,
-    to_bytes,
-)
+from pipeline.adaptation.memory.bank import build_bank
+from pipeline.adaptation.memory.files import from_bytes, to_bytes
+from pipeline.adaptation.memory.params import BankTarget, MemoryBankError, MemoryParams, bank_target
+from pipeline.adaptation.memory.records import FrameRecord, frame_record, score_frames
+from pipeline.adaptation.memory.scoring import BankScorer, bank_from_images
+from pipeline.adaptation.memory.stream import StreamMemory, admit_patches, replay_stream
 from pipeline.errors import ConfigError
-from pipeline.inspection.inspector import Inspector, RawScore
+from pipeline.inspection.frame_scorer import FrameScorer, RawScore
 from pipeline.model.memory import (
     greedy_coreset,
     mutual_scores,
@@ -128,14 +120,14 @@ def test_features_neighbourhood_and_robust_stats() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# banks around the Inspector (tiny model)
+# banks around the FrameScorer (tiny model)
 
 
 @pytest.fixture(scope="module")
-def inspector(text_cache_dir) -> Inspector:
+def inspector(text_cache_dir) -> FrameScorer:
     from tests.conftest import make_tiny_settings
 
-    return Inspector.from_settings(make_tiny_settings(text_cache_dir, memory={"layers": [2]}))
+    return FrameScorer.from_settings(make_tiny_settings(text_cache_dir, memory={"layers": [2]}))
 
 
 def _images(n: int, seed: int) -> list[np.ndarray]:
@@ -148,11 +140,11 @@ def _params(**kw: object) -> MemoryParams:
     return MemoryParams(**{"layers": (2,), **kw})
 
 
-def test_bank_round_trips_through_bytes_with_its_metadata(inspector: Inspector) -> None:
+def test_bank_round_trips_through_bytes_with_its_metadata(inspector: FrameScorer) -> None:
     params = _params()
     bank = bank_from_images(inspector, "wood", _images(3, 0), params, ids=["a", "b", "c"])
     data = to_bytes(bank)
-    target = mb.bank_target(inspector, "wood", params)
+    target = bank_target(inspector, "wood", params)
     back = from_bytes(data, target)
     assert torch.equal(back.features, bank.features) and torch.equal(back.origin, bank.origin)
     assert back.frames == ["a", "b", "c"] and back.version == bank.version and back.scales == bank.scales
@@ -174,7 +166,7 @@ def test_bank_round_trips_through_bytes_with_its_metadata(inspector: Inspector) 
         from_bytes(b"\x00" * 4)
 
 
-def test_bank_respects_the_byte_budget(inspector: Inspector) -> None:
+def test_bank_respects_the_byte_budget(inspector: FrameScorer) -> None:
     params = _params(budget_bytes=100 * 64 * 2)  # room for 100 rows of 64 fp16 values
     bank = bank_from_images(inspector, "wood", _images(4, 10), params)
     assert bank.patches == 100 and bank.nbytes <= params.budget_bytes
@@ -182,12 +174,12 @@ def test_bank_respects_the_byte_budget(inspector: Inspector) -> None:
     assert bank.origin.max() < len(bank.frames)
 
 
-def test_layers_beyond_the_model_fail_naming_the_key(inspector: Inspector) -> None:
+def test_layers_beyond_the_model_fail_naming_the_key(inspector: FrameScorer) -> None:
     with pytest.raises(ConfigError, match="memory.layers"):
-        mb.bank_target(inspector, "wood", _params(layers=(6,)))
+        bank_target(inspector, "wood", _params(layers=(6,)))
 
 
-def test_stream_never_scores_a_frame_with_itself_or_a_later_frame(inspector: Inspector) -> None:
+def test_stream_never_scores_a_frame_with_itself_or_a_later_frame(inspector: FrameScorer) -> None:
     params = _params(window_frames=4, min_bank_frames=2, admit_min_window=2)
     images = _images(14, 20)
     steps = list(replay_stream(inspector, "wood", images, params, ids=[f"{i}" for i in range(14)], batch=5))
@@ -215,7 +207,7 @@ def _raw_with(hidden: torch.Tensor, model) -> RawScore:
                     frame_hw=(s, s), hidden=hidden)
 
 
-def test_a_recurring_defect_never_enters_the_stream_bank(inspector: Inspector) -> None:
+def test_a_recurring_defect_never_enters_the_stream_bank(inspector: FrameScorer) -> None:
     """30% of the frames carry the same foreign patch at the same place; it must keep scoring as abnormal."""
     g = torch.Generator().manual_seed(5)
     model = inspector.model
@@ -254,29 +246,29 @@ def test_admission_drops_abnormal_patches_their_neighbours_and_abnormal_frames()
     assert keep is None and adm.reason == "no reference yet"
 
 
-def test_fused_scores_put_memory_and_zero_shot_in_z_units(inspector: Inspector) -> None:
+def test_fused_scores_put_memory_and_zero_shot_in_z_units(inspector: FrameScorer) -> None:
     params = _params(fusion_weight=1.0)
     bank = bank_from_images(inspector, "wood", _images(4, 40), params)
     raws = score_frames(inspector, "wood", _images(2, 60), params)
     assert raws[0].hidden is not None and raws[0].hidden.shape == (1, 1, 64, 64)
-    scorer = mb.MemoryScorer(inspector.model, params)
-    rec = mb.frame_record(raws[0], "x", params, inspector.model.grid_size)
+    scorer = BankScorer(inspector.model, params)
+    rec = frame_record(raws[0], "x", params, inspector.model.grid_size)
     out = scorer.with_bank(raws[0], rec, bank)
     assert out.anomaly_map.shape == raws[0].anomaly_map.shape and out.source == f"bank:{bank.version}"
     assert torch.allclose(out.patch_z, bank.scales.memory.z(bank.distances(rec.features)))
     # weight 0: the zero-shot map in z units, whatever the memory says
-    zs_only = mb.MemoryScorer(inspector.model, _params(fusion_weight=0.0)).with_bank(raws[0], rec, bank)
+    zs_only = BankScorer(inspector.model, _params(fusion_weight=0.0)).with_bank(raws[0], rec, bank)
     assert torch.allclose(zs_only.anomaly_map, bank.scales.zero_shot.z(raws[0].anomaly_map), atol=1e-6)
     with pytest.raises(ValueError, match="hidden"):
-        mb.frame_record(inspector.score_raw("wood", _images(1, 0))[0], "y", params, 8)
+        frame_record(inspector.score_raw("wood", _images(1, 0))[0], "y", params, 8)
 
 
-def test_build_bank_grows_on_its_parent(inspector: Inspector) -> None:
+def test_build_bank_grows_on_its_parent(inspector: FrameScorer) -> None:
     params = _params()
-    target = mb.bank_target(inspector, "wood", params)
+    target = bank_target(inspector, "wood", params)
     grid = inspector.model.grid_size
-    recs = [mb.frame_record(r, f"f{i}", params, grid) for i, r in enumerate(score_frames(inspector, "wood",
-                                                                                          _images(4, 80), params))]
+    recs = [frame_record(r, f"f{i}", params, grid) for i, r in enumerate(score_frames(inspector, "wood",
+                                                                                       _images(4, 80), params))]
     first = build_bank("wood", recs[:2], params, target)
     second = build_bank("wood", recs[2:], params, target, parent=first)
     assert second.meta["parent"] == first.version and second.frames == ["f0", "f1", "f2", "f3"]
@@ -293,7 +285,7 @@ def test_settings_validate_memory_keys(tiny_settings: Settings) -> None:
         make_tiny_settings(tiny_settings.model.text_cache_dir, memory={"fusion_weight": 1.5})
 
 
-def test_stream_reduces_pending_patches_block_by_block(inspector: Inspector, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stream_reduces_pending_patches_block_by_block(inspector: FrameScorer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A refresh covering many frames never holds all their patches: full blocks are cut as they fill."""
     monkeypatch.setattr(StreamMemory, "BLOCK_ROWS", 256)
     params = _params(budget_bytes=200 * 64 * 2, min_bank_frames=40, refresh_max_frames=40)  # 200 rows
@@ -307,8 +299,8 @@ def test_stream_reduces_pending_patches_block_by_block(inspector: Inspector, mon
     # quota per block: 2 x 200 rows x (frames in the block / 40 frames); a block is 4 frames = 256 rows
     assert peak < 256 + 2 * 200 + 64 and st.pending.rows < 2 * 200 + 64
     assert st.pending.origin.max() < len(st.pending.frames)
-    st.calibration.extend(mb.FrameRecord(str(i), F.normalize(torch.randn(1, 64, 64, generator=g), dim=-1),
-                                         torch.rand(16, generator=g), 0.5) for i in range(38, 40))
+    st.calibration.extend(FrameRecord(str(i), F.normalize(torch.randn(1, 64, 64, generator=g), dim=-1),
+                                      torch.rand(16, generator=g), 0.5) for i in range(38, 40))
     bank = st.refresh()
     assert bank.patches == 200 and bank.nbytes == params.budget_bytes
     assert set(bank.frames) <= {str(i) for i in range(40)} and len(bank.frames) > 20  # drawn from across the stream

@@ -11,12 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.adaptation.memory import bank as mb
+from pipeline.adaptation.memory import files as bank_files
+from pipeline.adaptation.memory.bank import build_bank
+from pipeline.adaptation.memory.files import META_KEY, read_meta
+from pipeline.adaptation.memory.params import FORMAT, MemoryBankError, MemoryParams, bank_target
+from pipeline.adaptation.memory.records import FrameRecord
 from pipeline.adaptation.memory.service import BUILDER_NICE, COLD_START_KEY, MemoryService, threshold_key
+from pipeline.adaptation.memory.stream import bank_thresholds
 from pipeline.adaptation.tta import files as adapter_files
 from pipeline.errors import AdapterMismatchError, ConfigError
 from pipeline.evaluation import synth
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
+from pipeline.inspection.score_scale import from_z
 from pipeline.observability.telemetry import WorkerTelemetry
 from pipeline.streaming.records import FrameResult
 from tests.conftest import make_tiny_settings
@@ -26,10 +32,10 @@ MEMORY = {"layers": [2], "min_bank_frames": 4, "admit_min_window": 4, "window_fr
 
 
 @pytest.fixture(scope="module")
-def inspector(text_cache_dir: Path) -> Inspector:
+def inspector(text_cache_dir: Path) -> FrameScorer:
     s = make_tiny_settings(text_cache_dir, memory=MEMORY,
                            lines=[{"id": LINE, "class_name": "wood", "domain": "texture", "memory": "stream"}])
-    return Inspector.from_settings(s)
+    return FrameScorer.from_settings(s)
 
 
 def _frame(i: int, recurring: bool = False, size: int = 64) -> np.ndarray:
@@ -38,7 +44,7 @@ def _frame(i: int, recurring: bool = False, size: int = 64) -> np.ndarray:
     return synth.render_part("wood", size, 1000 + i, None)[0]
 
 
-def _run(svc: MemoryService, inspector: Inspector, batches: list[list[tuple[str, np.ndarray]]],
+def _run(svc: MemoryService, inspector: FrameScorer, batches: list[list[tuple[str, np.ndarray]]],
          build: bool = True) -> list[list]:
     out = []
     for batch in batches:
@@ -56,14 +62,18 @@ def test_line_memory_setting_defaults_off_and_takes_stream(tmp_path: Path) -> No
     assert s.line("a").memory == "stream"
     with pytest.raises(ConfigError, match="lines.0.memory"):
         make_tiny_settings(tmp_path, lines=[{"id": "a", "class_name": "bottle", "memory": "train"}])
-    with pytest.raises(ConfigError, match=r"lines\.1\.memory \(b\): 'stream' does not combine with tta\.mode"):
-        make_tiny_settings(tmp_path, tta={"mode": "buffered"},
-                           lines=[{"id": "a", "class_name": "bottle"},
-                                  {"id": "b", "class_name": "bottle", "memory": "stream"}])
+    both = make_tiny_settings(tmp_path, tta={"mode": "buffered"},  # a line may adapt and remember
+                              lines=[{"id": "a", "class_name": "bottle"},
+                                     {"id": "b", "class_name": "bottle", "memory": "stream"}])
+    assert both.line("b").memory == "stream" and both.tta.mode == "buffered"
+    # one score scale: a fixed threshold written in z units (a memory line's before) is refused, not reread
+    with pytest.raises(ConfigError, match=r"lines\.0: .*threshold\.image: 2\.5 is not an anomaly score"):
+        make_tiny_settings(tmp_path, lines=[{"id": "a", "class_name": "bottle", "memory": "stream",
+                                             "threshold": {"image": 2.5}}])
 
 
 def test_cold_start_then_banks_swapped_in_between_batches_never_with_the_frame_itself(
-        inspector: Inspector) -> None:
+        inspector: FrameScorer) -> None:
     tel = WorkerTelemetry()
     svc = MemoryService(inspector, None, [LINE], "w-test", tel)
     frames = [(f"f{i}", _frame(i)) for i in range(24)]
@@ -91,7 +101,8 @@ def test_cold_start_then_banks_swapped_in_between_batches_never_with_the_frame_i
     th = inspector.thresholds(LINE)
     assert th.has_version(threshold_key(served[-1])) and th.has_version(COLD_START_KEY)
     vt = th.version_thresholds(threshold_key(served[-1]))
-    assert vt is not None and 0 < vt.image < 10 and vt.pixel_median == 0.0
+    # on the anomaly scale: a z median of 0 is from_z(0)
+    assert vt is not None and 0 < vt.image < 1 and vt.pixel_median == pytest.approx(from_z(0.0))
     # metrics: the version in use, its size, the builds
     assert tel.bank_version.labels(LINE, served[-1])._value.get() == 1  # noqa: SLF001
     assert tel.bank_version.labels(LINE, "none")._value.get() == 0  # noqa: SLF001
@@ -101,7 +112,7 @@ def test_cold_start_then_banks_swapped_in_between_batches_never_with_the_frame_i
     assert tel.bank_refreshes.labels(LINE, "promoted")._value.get() == svc.lines[LINE].memory.refreshes  # noqa: SLF001
 
 
-def test_a_recurring_defect_stays_above_normal_frames_across_refreshes(inspector: Inspector) -> None:
+def test_a_recurring_defect_stays_above_normal_frames_across_refreshes(inspector: FrameScorer) -> None:
     svc = MemoryService(inspector, None, [LINE], "w-test")
     flags = [i >= 10 and i % 10 in (3, 7, 9) for i in range(48)]  # the same stain in 30% of frames from 10 on
     frames = [(f"r{i}", _frame(i, rec)) for i, rec in enumerate(flags)]
@@ -117,38 +128,38 @@ def test_a_recurring_defect_stays_above_normal_frames_across_refreshes(inspector
     assert all(o.raw.score >= th.view(o.threshold_key).image for o, f in last if f)
 
 
-def test_bank_thresholds_are_held_out_and_ignore_refused_patches(inspector: Inspector) -> None:
-    params = mb.MemoryParams(layers=(2,))
-    target = mb.bank_target(inspector, LINE, params)
+def test_bank_thresholds_are_held_out_and_ignore_refused_patches(inspector: FrameScorer) -> None:
+    params = MemoryParams(layers=(2,))
+    target = bank_target(inspector, LINE, params)
     g = torch.Generator().manual_seed(0)
     base = torch.nn.functional.normalize(torch.randn(64, target.feature_dim, generator=g), dim=-1)
 
-    def rec(i: int) -> mb.FrameRecord:
+    def rec(i: int) -> FrameRecord:
         f = torch.nn.functional.normalize(base + 0.05 * torch.randn(base.shape, generator=g), dim=-1)
-        return mb.FrameRecord(f"f{i}", f[None], torch.rand(50, generator=g), 0.5)
+        return FrameRecord(f"f{i}", f[None], torch.rand(50, generator=g), 0.5)
 
     recs = [rec(i) for i in range(6)]
-    bank = mb.build_bank(LINE, recs, params, target)
-    th = mb.bank_thresholds(bank, recs, params, quantile=0.99, pixel_quantile=0.999)
+    bank = build_bank(LINE, recs, params, target)
+    th = bank_thresholds(bank, recs, params, quantile=0.99, pixel_quantile=0.999)
     assert th["frames"] == 6 and th["pixel_median"] == 0.0 and np.isfinite(th["image"])
     # a frame's own rows never answer for it: with them, every patch has distance 0 and the threshold falls
-    own = mb.bank_thresholds(bank, [mb.FrameRecord("other", recs[0].features, recs[0].zero_shot_sample, 0.5)],
-                             params)
+    own = bank_thresholds(bank, [FrameRecord("other", recs[0].features, recs[0].zero_shot_sample, 0.5)],
+                          params)
     assert own["image"] < th["image"]
     # a patch admission refused does not count: a foreign patch on a kept-elsewhere frame leaves it unchanged
-    odd = mb.FrameRecord("f0", recs[0].features.clone(), recs[0].zero_shot_sample, 0.5)
+    odd = FrameRecord("f0", recs[0].features.clone(), recs[0].zero_shot_sample, 0.5)
     odd.features[0, :3] = torch.nn.functional.normalize(torch.randn(3, target.feature_dim, generator=g), dim=-1)
     odd.keep = torch.ones(1, 64, dtype=torch.bool)
     odd.keep[0, :3] = False
-    clean = mb.FrameRecord("f0", recs[0].features, recs[0].zero_shot_sample, 0.5)
+    clean = FrameRecord("f0", recs[0].features, recs[0].zero_shot_sample, 0.5)
     clean.keep = odd.keep
-    assert mb.bank_thresholds(bank, [odd], params) == mb.bank_thresholds(bank, [clean], params)
-    assert mb.bank_thresholds(bank, [], params) == {}
+    assert bank_thresholds(bank, [odd], params) == bank_thresholds(bank, [clean], params)
+    assert bank_thresholds(bank, [], params) == {}
 
 
 def test_adapters_and_banks_share_one_safetensors_header_reader() -> None:
     for reader, err, noun in ((adapter_files.read_meta, AdapterMismatchError, "adapter file"),
-                              (mb.read_meta, mb.MemoryBankError, "memory bank")):
+                              (read_meta, MemoryBankError, "memory bank")):
         with pytest.raises(err, match=f"{noun}: too short"):
             reader(b"abc")
         with pytest.raises(err, match=f"{noun}: invalid safetensors header"):
@@ -156,10 +167,10 @@ def test_adapters_and_banks_share_one_safetensors_header_reader() -> None:
         header = json.dumps({"__metadata__": {}}).encode()
         with pytest.raises(err, match=f"not an anoclip {noun}: no .* metadata"):
             reader(len(header).to_bytes(8, "little") + header)
-    header = json.dumps({"__metadata__": {mb.META_KEY: json.dumps({"format": mb.FORMAT, "format_version": 99})}})
-    with pytest.raises(mb.MemoryBankError, match="memory bank format version 99 is not supported"):
-        mb.read_meta(len(header).to_bytes(8, "little") + header.encode())
-    assert mb.read_header_meta is adapter_files.read_header_meta
+    header = json.dumps({"__metadata__": {META_KEY: json.dumps({"format": FORMAT, "format_version": 99})}})
+    with pytest.raises(MemoryBankError, match="memory bank format version 99 is not supported"):
+        read_meta(len(header).to_bytes(8, "little") + header.encode())
+    assert bank_files.read_header_meta is adapter_files.read_header_meta  # one artifact format (artifacts.py)
 
 
 def test_frame_results_name_their_bank_version() -> None:
@@ -172,7 +183,7 @@ def test_frame_results_name_their_bank_version() -> None:
     assert FrameResult.from_json_dict({k: v for k, v in d.items() if k != "bank_version"}).bank_version is None
 
 
-def test_the_bank_builder_runs_at_a_lower_priority_than_scoring(inspector: Inspector) -> None:
+def test_the_bank_builder_runs_at_a_lower_priority_than_scoring(inspector: FrameScorer) -> None:
     """A build is seconds of CPU at once: at nice +10 it takes what the scorer thread leaves."""
     import os
     import threading

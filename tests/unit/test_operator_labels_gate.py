@@ -17,7 +17,8 @@ from PIL import Image
 from pipeline.adaptation.tta.buffered import BufferedTTA, positive_counts
 from pipeline.adaptation.tta.service import operator_frames
 from pipeline.inspection.render import encode_png, mask_png
-from pipeline.model.self_training import LabelledFrame, TokenSet, validate_adapter
+from pipeline.model.tta_gate import GateFrame, validate_adapter
+from pipeline.model.tta_train import TokenSet
 from pipeline.operators.labels import CONFIRMED, FALSE_ALARM, UNSURE, AlertLabel
 from pipeline.settings import TTASettings
 from tests.unit.test_tta import C, Line, P
@@ -137,14 +138,14 @@ def test_operator_frames_join_the_gate_once_per_refresh_and_false_alarms_are_all
     assert first[1].source == "false_alarm" and not first[1].mask.any() and first[1].input_hw == (H, W)
     tta.set_operator_frames([("c1", img, mask), ("fa1", _image(1), None)])  # the next refresh: the same labels
     assert positive_counts(tta.make_positives([], {})) == {"synthetic": 0, "operator": 1, "false_alarm": 1}
-    tta.add_labelled_normal(_image(2))  # by hand (replay, evaluation): kept alongside
+    tta.add_known_normal(_image(2))  # by hand (replay, evaluation): kept alongside
     assert positive_counts(tta.make_positives([], {})) == {"synthetic": 0, "operator": 1, "false_alarm": 2}
     tta.set_operator_frames([])
     assert positive_counts(tta.make_positives([], {})) == {"synthetic": 0, "operator": 0, "false_alarm": 1}
     with pytest.raises(ValueError, match="non-empty"):
         tta.set_operator_frames([("c2", img, np.zeros((H, W), bool))])
     with pytest.raises(ValueError, match="HxWx3"):
-        tta.add_labelled_normal(np.zeros((H, W), np.uint8))
+        tta.add_known_normal(np.zeros((H, W), np.uint8))
 
 
 def test_a_candidate_that_raises_a_false_alarm_is_refused_against_the_serving_version() -> None:
@@ -158,7 +159,7 @@ def test_a_candidate_that_raises_a_false_alarm_is_refused_against_the_serving_ve
     fa_tokens = line.frame()
     fa_tokens[20:44] += 3 * b
     side = int(P**0.5)
-    false_alarm = LabelledFrame(fa_tokens, torch.zeros(side, side, dtype=torch.bool), "false_alarm")
+    false_alarm = GateFrame(fa_tokens, torch.zeros(side, side, dtype=torch.bool), "false_alarm")
     defect = F.normalize(line.defect, dim=-1)
 
     def raises_the_false_alarm(x: torch.Tensor) -> torch.Tensor:  # identical wherever the pattern is absent

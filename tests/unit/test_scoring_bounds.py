@@ -17,7 +17,7 @@ import pytest
 from kafka import TopicPartition
 from PIL import Image
 
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.observability.telemetry import WorkerTelemetry
 from pipeline.settings import Settings
 from pipeline.streaming import envelope
@@ -51,7 +51,7 @@ def settings(text_cache_dir: Path) -> Settings:
 def _scorer(settings: Settings) -> tuple[BatchScorer, list[tuple[int, str, str]], queue.Queue]:
     dead: list[tuple[int, str, str]] = []
     published: queue.Queue = queue.Queue()
-    scorer = BatchScorer(settings, "w-test", Inspector.from_settings(settings), None, WorkerTelemetry(),
+    scorer = BatchScorer(settings, "w-test", FrameScorer.from_settings(settings), None, WorkerTelemetry(),
                          lambda f, reason, stage: dead.append((f.offset, reason, stage)), published)
     return scorer, dead, published
 

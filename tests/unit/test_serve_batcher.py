@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.inspection.inspector import Inspector
 from pipeline.serving.app import check_token_policy
 from pipeline.serving.batcher import InspectionBatcher
 from pipeline.settings import Settings
+from pipeline.verdicts.inspector import Inspector
 
 
 @pytest.fixture
 def inspector(tiny_settings: Settings, one_torch_thread: None) -> Inspector:
-    ins = Inspector.from_settings(tiny_settings)
+    ins = Inspector.from_settings(tiny_settings, follow="never")
     ins.prepare_line("bottle")
     ins.prepare_line("wood")
     return ins

@@ -1,7 +1,7 @@
 """TTA: the loss, per-frame adaptation, buffered training, admission, the gate, the token buffer, replay.
 
 Most tests use synthetic tokens with known structure (a planted "defect" direction that the text
-features call abnormal); the Inspector-level ones use the tiny random-init model.
+features call abnormal); the FrameScorer-level ones use the tiny random-init model.
 """
 
 from __future__ import annotations
@@ -13,26 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.adaptation.tta.buffered import BufferedTTA, eval_scorer, replay_buffered
+from pipeline.adaptation.tta.buffered import BufferedTTA, replay_buffered
+from pipeline.adaptation.tta.eval_scorers import eval_scorer
 from pipeline.adaptation.tta.token_buffer import TokenBuffer
-from pipeline.inspection.inspector import Inspector
-from pipeline.model.self_training import (
-    AdmissionRule,
-    BufferedBudget,
-    GateRule,
-    LabelledFrame,
-    TokenSet,
-    TTAParams,
-    adapt_per_frame,
-    admit,
-    patch_scores,
-    refresh_adapter,
-    token_logits,
-    train_buffered,
-    tta_loss,
-    validate_adapter,
-)
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.model.text import TextFeatures
+from pipeline.model.tta_admission import admit
+from pipeline.model.tta_gate import GateFrame, validate_adapter
+from pipeline.model.tta_params import AdmissionRule, BufferedBudget, GateRule, TTAParams
+from pipeline.model.tta_per_frame import adapt_per_frame
+from pipeline.model.tta_scoring import patch_scores, token_logits, tta_loss
+from pipeline.model.tta_train import TokenSet, refresh_adapter, train_buffered
 from tests.conftest import make_tiny_settings
 
 C, P = 64, 64
@@ -64,12 +55,12 @@ class Line:
         n_def = round(defect_share * n)
         return [self.frame(defect_patches if i < n_def else 0) for i in range(n)]
 
-    def positives(self, n: int, defect_patches: int = 12) -> list[LabelledFrame]:
+    def positives(self, n: int, defect_patches: int = 12) -> list[GateFrame]:
         """n labelled frames for the gate: the defect planted on the first patches, the mask on the 8x8 grid."""
         g = int(P**0.5)
         mask = torch.zeros(P, dtype=torch.bool)
         mask[:defect_patches] = True
-        return [LabelledFrame(self.frame(defect_patches), mask.reshape(g, g)) for _ in range(n)]
+        return [GateFrame(self.frame(defect_patches), mask.reshape(g, g)) for _ in range(n)]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,12 +72,12 @@ def line() -> Line:
 
 
 @pytest.fixture(scope="module")
-def inspector(text_cache_dir: Path) -> Inspector:
+def inspector(text_cache_dir: Path) -> FrameScorer:
     settings = make_tiny_settings(
         text_cache_dir,
         tta={"min_frames": 6, "refresh_every": 10, "train_steps": 20, "holdout": 0.25},
     )
-    return Inspector.from_settings(settings)
+    return FrameScorer.from_settings(settings)
 
 
 def _images(n: int, seed: int = 0, shape: tuple[int, int] = (64, 64)) -> list[np.ndarray]:
@@ -190,7 +181,7 @@ def test_per_frame_keeps_no_state_between_calls(line: Line) -> None:
     assert not first.adapter.weight.requires_grad
 
 
-def test_inspector_per_frame_scores_frame_a_the_same_before_and_after_b(inspector: Inspector) -> None:
+def test_inspector_per_frame_scores_frame_a_the_same_before_and_after_b(inspector: FrameScorer) -> None:
     a, b = _images(2, seed=1)
     b = _images(1, seed=2, shape=(64, 96))[0]  # a tiled frame in between
     zero_shot = inspector.score_raw("bottle", [a])[0]
@@ -327,13 +318,13 @@ REFUSING = GateRule(min_spread_ratio=1e6)
 """A gate every candidate fails ("score spread collapsed"): the refusal path runs for certain."""
 
 
-def _replay(inspector: Inspector, images: list[np.ndarray], gate: GateRule) -> list:
+def _replay(inspector: FrameScorer, images: list[np.ndarray], gate: GateRule) -> list:
     st = BufferedTTA.for_line(inspector, "bottle")
     st.gate = gate
     return list(replay_buffered(inspector, "bottle", images, refresh_every=10, state=st))
 
 
-def test_replay_is_causal_and_refreshes_on_schedule(inspector: Inspector) -> None:
+def test_replay_is_causal_and_refreshes_on_schedule(inspector: FrameScorer) -> None:
     images = _images(25, seed=5)
     steps = _replay(inspector, images, PERMISSIVE)
     assert len(steps) == 25
@@ -358,7 +349,7 @@ def test_replay_is_causal_and_refreshes_on_schedule(inspector: Inspector) -> Non
     assert all(s.adapter_version == second.extra["version"] for s in steps[20:])
 
 
-def test_replay_never_serves_a_refused_candidate(inspector: Inspector) -> None:
+def test_replay_never_serves_a_refused_candidate(inspector: FrameScorer) -> None:
     images = _images(25, seed=5)
     steps = _replay(inspector, images, REFUSING)
     reports = [s.refresh for s in steps if s.refresh is not None]
@@ -372,7 +363,7 @@ def test_replay_never_serves_a_refused_candidate(inspector: Inspector) -> None:
         assert torch.equal(s.raw.anomaly_map, z.anomaly_map)
 
 
-def test_eval_scorers(inspector: Inspector) -> None:
+def test_eval_scorers(inspector: FrameScorer) -> None:
     images = _images(12, seed=7)
     per_frame = eval_scorer("per_frame", inspector)
     per_frame.begin_class("bottle")
@@ -391,7 +382,7 @@ def test_eval_scorers(inspector: Inspector) -> None:
         eval_scorer("off", inspector)
 
 
-def test_buffered_state_for_a_linear_line_and_its_time_budget(inspector: Inspector) -> None:
+def test_buffered_state_for_a_linear_line_and_its_time_budget(inspector: FrameScorer) -> None:
     st = BufferedTTA.for_line(inspector, "pcb1")
     for i, raw in enumerate(inspector.score_raw("pcb1", _images(8, seed=9))):
         st.observe(str(i), raw.tokens, raw.score, score_seconds=0.5)

@@ -13,20 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.adaptation.tta.token_buffer import TokenBuffer
-from pipeline.model import self_training
-from pipeline.model.self_training import (
-    AdmissionRule,
-    BufferedBudget,
-    GateRule,
-    TokenSet,
-    TTAParams,
-    adapt_per_frame,
-    patch_scores,
-    refresh_adapter,
-    train_buffered,
-    tta_loss,
-    validate_adapter,
-)
+from pipeline.model import tta_per_frame
+from pipeline.model.tta_gate import validate_adapter
+from pipeline.model.tta_params import AdmissionRule, BufferedBudget, GateRule, TTAParams
+from pipeline.model.tta_per_frame import adapt_per_frame
+from pipeline.model.tta_scoring import patch_scores, tta_loss
+from pipeline.model.tta_train import TokenSet, refresh_adapter, train_buffered
 from tests.unit.test_tta import Line, P
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,7 +43,8 @@ def test_eval_buffered_refreshes_on_a_dataset_sized_class_with_the_defaults(
     small_class: Path, tiny_settings, tmp_path: Path
 ) -> None:
     from pipeline.evaluation.datasets import read_mvtec
-    from pipeline.evaluation.loop import EvalOptions, run_eval
+    from pipeline.evaluation.loop import run_eval
+    from pipeline.evaluation.options import EvalOptions
     from pipeline.evaluation.report import report_dict
 
     assert tiny_settings.tta.refresh_every == 500 and tiny_settings.tta.min_frames == 50  # the defaults
@@ -68,7 +61,8 @@ def test_eval_buffered_refreshes_on_a_dataset_sized_class_with_the_defaults(
 def test_eval_buffered_is_an_error_when_no_refresh_ran(small_class: Path, tiny_settings, tmp_path: Path) -> None:
     from pipeline.adaptation.tta.buffered import BufferedTTAError
     from pipeline.evaluation.datasets import read_mvtec
-    from pipeline.evaluation.loop import EvalOptions, run_eval
+    from pipeline.evaluation.loop import run_eval
+    from pipeline.evaluation.options import EvalOptions
 
     index = read_mvtec(small_class, ["bottle"])
     # admission refuses every frame (ceiling 0): nothing to train on, so no refresh can run
@@ -156,7 +150,7 @@ def test_per_frame_init_and_noise_are_independent(line: Line, kind: str, monkeyp
         return out
 
     tokens = torch.stack(line.frames(1))
-    monkeypatch.setattr(self_training.torch, "randn", spy)
+    monkeypatch.setattr(tta_per_frame.torch, "randn", spy)
     result = adapt_per_frame(tokens, line.text, kind, TTAParams(steps=2, seed=0, lr=1e-12, weight_decay=0.0))
     monkeypatch.undo()
     assert drawn, "per-frame TTA drew no noise"

@@ -5,13 +5,13 @@
   `anoclip eval --memory stream` scores it, then admitted or not; admitted patches wait for the next bank.
   This is cheap (one distance matmul per batch, and a block coreset of pending rows every ~70 frames).
   When a refresh is due, the pending patches are handed to the builder (no copy) and collecting starts anew.
-* Building (the `memory-builder` thread, `_build`): under the line's bank lock (`TrainerLock`, kind
+* Building (the `memory-builder` thread, `_build`): under the line's bank lock (`RefreshLock`, kind
   `banks`: one builder per line at a time) the bank is built (coreset, scales), its thresholds calibrated
   on held-out admitted frames (`bank_thresholds`), it is gated (`gate_bank`: the build's newest admitted frames,
   kept out of it, with a synthetic defect pasted into each; refused if its pixel AUROC on them falls below the
   serving reference's by `gate_auroc_margin` or their median z leaves ±`gate_max_normal_z`; a refusal is counted,
   audited and drops the build's rows), and it is published to the bank registry
-  (`AdapterRegistry(kind="banks")`), which promotes it atomically unless the line was paused or its current
+  (`VersionRegistry(kind="banks")`), which promotes it atomically unless the line was paused or its current
   bank moved (a rollback) since the build started from it.
 * Serving (`sync`, `_install`): the builder thread follows each line's `current` bank pointer; a bank
   promoted by any worker (or a rollback) is loaded from Redis and staged, and the scorer thread swaps it in
@@ -35,24 +35,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.adaptation.memory.bank import (
-    BankGateRule,
-    BuildJob,
-    MemoryBank,
-    MemoryBankError,
-    MemoryParams,
-    PatchRows,
-    StreamMemory,
-    bank_thresholds,
-    frame_record,
-    from_bytes,
-    gate_bank,
-    make_positives,
-    to_bytes,
-)
-from pipeline.adaptation.registry import AdapterRegistry, TrainerLock
+from pipeline.adaptation.lifecycle import Candidate, Loaded, Outcome, ServiceThread, VersionFollower, settle
+from pipeline.adaptation.memory.bank import MemoryBank, PatchRows
+from pipeline.adaptation.memory.files import from_bytes, to_bytes
+from pipeline.adaptation.memory.gate import BankGateRule, gate_bank, make_positives
+from pipeline.adaptation.memory.params import MemoryParams
+from pipeline.adaptation.memory.records import frame_record
+from pipeline.adaptation.memory.stream import BuildJob, StreamMemory, bank_thresholds
+from pipeline.adaptation.registry import RefreshLock, VersionRegistry
 from pipeline.errors import AnoclipError
-from pipeline.inspection.inspector import Inspector, RawScore
+from pipeline.inspection.frame_scorer import FrameScorer, RawScore
+from pipeline.inspection.score_scale import from_z, thresholds_from_z
 from pipeline.observability.telemetry import BANK_OUTCOMES, WorkerTelemetry
 
 log = logging.getLogger(__name__)
@@ -60,7 +53,8 @@ log = logging.getLogger(__name__)
 COLD_START_KEY = "bank:mutual"
 """Threshold key of frames scored before the line has a bank (mutual scoring)."""
 COLD_START_THRESHOLDS: dict[str, float] = {"image": 3.0, "pixel": 3.0, "pixel_median": 0.0}
-"""Fused z units: three upper-body SDs above the median of the window's own frames."""
+"""Fused z units (as banks' own thresholds are stored): three upper-body SDs above the median of the window's own
+frames, 0.5 on the anomaly scale. Registered with the line's thresholds on that scale (`thresholds_from_z`)."""
 LOCK_TTL_S = 300.0
 """The bank lock's lease: longer than the largest build (tens of seconds for a thousand frames); a builder
 that dies frees the line after it."""
@@ -100,7 +94,8 @@ class MemoryOutcome:
     """A frame as the memory scored it."""
 
     raw: RawScore
-    """The frame with the fused map and image score (z units) in place of the zero-shot ones: what is judged."""
+    """The frame with the fused map and image score in place of the zero-shot ones, on the anomaly scale
+    (`pipeline.inspection.score_scale.from_z` of the memory's z units): what is judged."""
     threshold_key: str
     bank_version: str | None
     """The bank version that scored it; None during the cold start."""
@@ -116,21 +111,24 @@ class _Line:
     staged: tuple[MemoryBank | None, str | None, dict[str, Any] | None] | None = None
     """(bank, version, thresholds) waiting to be swapped in by the scorer thread."""
     building: bool = False
-    bad_versions: set[str] = field(default_factory=set)
     carry: list[PatchRows] = field(default_factory=list)
     """Held-out patches of promoted builds, waiting for the scorer thread to add them to the next build."""
 
 
-class MemoryService:
+_OUTCOME_COUNTED = {"promote": "promoted", "refuse": "refused", "skipped": "skipped", "failed": "failed"}
+"""A build's outcome (`build`'s `action`) -> its `anoclip_bank_refreshes_total` outcome."""
+
+
+class MemoryService(ServiceThread):
     """Per-worker owner of the memory of every `memory: stream` line: scoring, building, serving."""
 
-    def __init__(self, inspector: Inspector, registry: AdapterRegistry | None, lines: list[str], worker_id: str,
+    def __init__(self, inspector: FrameScorer, registry: VersionRegistry | None, lines: list[str], worker_id: str,
                  telemetry: WorkerTelemetry | None = None, *, poll_s: float = 0.5,
                  params: MemoryParams | None = None, follow_only: bool = False) -> None:
         """`follow_only`: follow the registry's current banks and score with them, never admit, build, publish
         nor take the bank lock (`anoclip serve`: its frames are untrusted)."""
         if registry is not None and registry.kind != "banks":
-            raise ValueError("the memory service needs the bank registry: AdapterRegistry(..., kind='banks')")
+            raise ValueError("the memory service needs the bank registry: VersionRegistry(..., kind='banks')")
         self.inspector = inspector
         self.registry = registry
         self.worker_id = worker_id
@@ -139,19 +137,25 @@ class MemoryService:
         self.follow_only = follow_only
         self.params = params or MemoryParams.from_settings(inspector.settings.memory)
         self.lines = {line: _Line(StreamMemory(inspector, line, self.params)) for line in lines}
+        self.follower = VersionFollower(registry, self._load, self._serve_version) if registry is not None else None
         self._swap = threading.Lock()
         self._jobs: queue.Queue[tuple[str, BuildJob, str | None]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         for line in lines:
-            inspector.thresholds(line).set_version(COLD_START_KEY, COLD_START_THRESHOLDS)
+            inspector.thresholds(line).set_version(COLD_START_KEY, thresholds_from_z(COLD_START_THRESHOLDS))
             if telemetry is not None:
                 telemetry.init_memory_line(line)
 
     @property
     def hidden_layers(self) -> tuple[int, ...]:
-        """The blocks whose patch tokens the model must also return (`Inspector.score_raw(hidden_layers=...)`)."""
+        """The blocks whose patch tokens the model must also return (`FrameScorer.score_raw(hidden_layers=...)`)."""
         return tuple(self.params.layers)
+
+    @staticmethod
+    def threshold_key(version: str | None) -> str:
+        """The threshold key frames scored by bank `version` (None: the cold start) are judged with."""
+        return threshold_key(version)
 
     def serves(self, line: str) -> bool:
         return line in self.lines
@@ -183,7 +187,8 @@ class MemoryService:
             if rec.frame_id not in recent:  # is scored again but not admitted twice
                 mem.observe(rec, result, raw.image)
                 recent.add(rec.frame_id)
-            fused = dataclasses.replace(raw, anomaly_map=result.anomaly_map, score=result.score, hidden=None)
+            fused = dataclasses.replace(raw, anomaly_map=from_z(result.anomaly_map), score=from_z(float(result.score)),
+                                        hidden=None)
             if bank is None:
                 out.append(MemoryOutcome(fused, COLD_START_KEY, None, result.source))
             else:
@@ -205,8 +210,9 @@ class MemoryService:
             raise NoBankError(line)
         grid = self.inspector.model.grid_size
         recs = [frame_record(r, fid, self.params, grid) for r, fid in zip(raws, frame_ids, strict=True)]
-        return [MemoryOutcome(dataclasses.replace(raw, anomaly_map=result.anomaly_map, score=result.score,
-                                                  hidden=None), threshold_key(version), version, result.source)
+        return [MemoryOutcome(dataclasses.replace(raw, anomaly_map=from_z(result.anomaly_map),
+                                                  score=from_z(float(result.score)), hidden=None),
+                              threshold_key(version), version, result.source)
                 for raw, result in zip(raws, st.memory.scorer.with_bank_batch(raws, recs, bank), strict=True)]
 
     def _install(self, line: str, st: _Line) -> None:
@@ -220,7 +226,8 @@ class MemoryService:
             return
         bank, version, thresholds = staged
         self.inspector.thresholds(line).set_version(threshold_key(version) if bank is not None else COLD_START_KEY,
-                                                    thresholds if bank is not None else COLD_START_THRESHOLDS)
+                                                    thresholds_from_z(thresholds if bank is not None
+                                                                      else COLD_START_THRESHOLDS))
         previous = st.serving
         st.memory.install(bank)
         st.serving = version if bank is not None else None
@@ -231,6 +238,8 @@ class MemoryService:
 
     def _stage(self, line: str, bank: MemoryBank | None, version: str | None,
                thresholds: dict[str, Any] | None, carry: PatchRows | None = None) -> None:
+        if self.follower is not None:
+            self.follower.note(line, version)
         with self._swap:
             self.lines[line].staged = (bank, version, thresholds)
             if carry is not None and carry.rows:
@@ -242,14 +251,8 @@ class MemoryService:
 
     # -- building and following the registry (builder thread) -------------------------------------
     def start(self) -> MemoryService:
-        self._thread = threading.Thread(target=self._loop, name="memory-builder", daemon=True)
-        self._thread.start()
+        self._start_thread("memory-builder", self._loop)
         return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _loop(self) -> None:
         lower_thread_priority(BUILDER_NICE)
@@ -278,25 +281,18 @@ class MemoryService:
             n += 1
 
     def sync(self, line: str) -> bool:
-        """Follow the registry's `current` bank pointer; True when a different bank was staged."""
-        if self.registry is None:
-            return False
-        st = self.lines[line]
-        version = self.registry.current(line)
-        if version == self._staged_or_serving(st) or version in st.bad_versions:
-            return False
-        if version is None:
-            self._stage(line, None, None, None)
-            return True
-        try:
-            bank = from_bytes(self.registry.tensors(line, version), st.memory.target)
-            thresholds = self.registry.meta(line, version).get("thresholds") or None
-        except (MemoryBankError, KeyError) as e:
-            st.bad_versions.add(version)  # a bank that does not fit must not take the line down
-            log.error("line %s: memory bank %s cannot be served here: %s", line, version, e)
-            return False
-        self._stage(line, bank, version, thresholds)
-        return True
+        """Follow the registry's `current` bank pointer (`lifecycle.VersionFollower`); True when another bank (or
+        none) was staged."""
+        return self.follower.sync(line) if self.follower is not None else False
+
+    def _load(self, line: str, version: str) -> Loaded:
+        assert self.registry is not None
+        bank = from_bytes(self.registry.tensors(line, version), self.lines[line].memory.target)
+        return Loaded(bank, self.registry.meta(line, version).get("thresholds") or None)
+
+    def _serve_version(self, line: str, loaded: Loaded | None, version: str | None) -> None:
+        self._stage(line, loaded.state if loaded is not None else None, version,
+                    loaded.thresholds if loaded is not None else None)
 
     def build(self, line: str, job: BuildJob, base_version: str | None) -> dict[str, Any]:
         """Build, calibrate and publish one bank (off the scorer thread); the outcome as a dict."""
@@ -304,25 +300,24 @@ class MemoryService:
             raise RuntimeError("a follow-only memory service never builds banks")
         st = self.lines[line]
         try:
-            return self._build(line, st, job, base_version)
+            out = self._build(line, st, job, base_version)
         except Exception as e:  # a failed build keeps the served bank; the next due refresh tries again
             log.exception("line %s: building a memory bank failed", line)
-            self._count(line, "failed")
-            return {"action": "failed", "reason": f"{type(e).__name__}: {e}"}
+            out = {"action": "failed", "reason": f"{type(e).__name__}: {e}"}
         finally:
             st.building = False
+        self._count(line, _OUTCOME_COUNTED[out["action"]])
+        return out
 
     def _build(self, line: str, st: _Line, job: BuildJob, base_version: str | None) -> dict[str, Any]:
         lock = None
         if self.registry is not None:
-            lock = TrainerLock(self.registry.client, self.registry.keys, line, self.worker_id, LOCK_TTL_S,
+            lock = RefreshLock(self.registry.client, self.registry.keys, line, self.worker_id, LOCK_TTL_S,
                                kind="banks")
             if not lock.acquire():
-                self._count(line, "skipped")
                 return {"action": "skipped", "reason": "another worker is building this line's bank"}
         try:
             if self.registry is not None and self.registry.is_paused(line):
-                self._count(line, "refused")
                 log.info("line %s: bank refresh skipped: the line's banks are paused", line)
                 return {"action": "refuse", "reason": "line is paused"}
             t0 = time.perf_counter()
@@ -334,32 +329,29 @@ class MemoryService:
             validation, refusal = self._gate(line, job, bank)
             gate_s = time.perf_counter() - t0 - build_s
             validation["gate_seconds"] = round(gate_s, 3)
-            if refusal is not None:  # its rows (and held-out rows) are dropped: see docs/memory.md, The bank gate
-                self._count(line, "refused")
-                log.info("line %s: candidate memory bank refused by the gate: %s (%s)", line, refusal, validation)
-                if self.registry is not None:
-                    self.registry.record(line, "refuse", actor=self.worker_id, reason=refusal, validation=validation,
-                                         bank_id=bank.version, patches=bank.patches, from_version=base_version or "")
-                return {"action": "refuse", "reason": refusal, "validation": validation}
-            meta = {**bank.meta, "thresholds": thresholds, "build_seconds": round(build_s, 3),
-                    "worker": self.worker_id, "frames_admitted": job.frames, "validation": validation}
-            if self.registry is None:
-                self._stage(line, bank, bank.version, thresholds, job.holdout_rows)
-                self._count(line, "promoted")
-                return {"action": "promote", "version": bank.version, "validation": validation}
             reason = (f"bank of {bank.patches} patches from {len(bank.frames)} frames "
                       f"({job.frames} newly admitted), built in {build_s:.1f} s, gated in {gate_s:.1f} s")
-            result = self.registry.publish(line, to_bytes(bank), meta, actor=self.worker_id, reason=reason,
-                                           base_version=base_version,
-                                           audit={"patches": bank.patches, "bank_id": bank.version})
-            if not result.promoted:
-                self._count(line, "refused")
-                log.info("line %s: memory bank refused: %s", line, result.reason)
-                return {"action": "refuse", "reason": result.reason}
-            self._stage(line, bank, result.version, thresholds, job.holdout_rows)
-            self._count(line, "promoted")
-            log.info("line %s: promoted memory bank %s (%s)", line, result.version, reason)
-            return {"action": "promote", "version": result.version, "validation": validation}
+            meta = {**bank.meta, "thresholds": thresholds, "build_seconds": round(build_s, 3),
+                    "worker": self.worker_id, "frames_admitted": job.frames, "validation": validation}
+            if refusal is not None:  # its rows (and held-out rows) are dropped: see docs/memory.md, The bank gate
+                candidate = Candidate(None, meta, refusal, refusal_audit={
+                    "validation": validation, "bank_id": bank.version, "patches": bank.patches,
+                    "from_version": base_version or ""})
+                log.info("line %s: candidate memory bank refused by the gate: %s (%s)", line, refusal, validation)
+            else:
+                candidate = Candidate(to_bytes(bank), meta, reason,
+                                      audit={"patches": bank.patches, "bank_id": bank.version})
+            if self.registry is None:  # no registry (tests, replays): promoted here, as the one version
+                outcome = (Outcome("refuse", refusal) if refusal is not None
+                           else Outcome("promote", reason, bank.version))
+            else:
+                outcome = settle(self.registry, line, candidate, owner=self.worker_id, base_version=base_version)
+            if not outcome.promoted:
+                log.info("line %s: memory bank refused: %s", line, outcome.reason)
+                return {"action": "refuse", "reason": outcome.reason, "validation": validation}
+            self._stage(line, bank, outcome.version, thresholds, job.holdout_rows)
+            log.info("line %s: promoted memory bank %s (%s)", line, outcome.version, reason)
+            return {"action": "promote", "version": outcome.version, "validation": validation}
         finally:
             if lock is not None:
                 lock.release()

@@ -1,4 +1,4 @@
-"""TTA around the Inspector: one line's buffered-TTA state, stream replay, and the eval harness's scorers.
+"""TTA around the FrameScorer: one line's buffered-TTA state and stream replay.
 
 * `BufferedTTA` — what the streaming worker keeps per line: the token buffer (with admission), the
   serving adapter and the refresh policy. `observe` after scoring a frame; when `due`, call
@@ -6,18 +6,15 @@
   (or publish it to the registry, which promotes).
 * `replay_buffered` — run a finite stream through exactly that logic, causally: each frame is scored
   with the adapter trained on frames before it.
-* `eval_scorer(mode, inspector, settings)` — what `pipeline.evaluation.loop.make_scorer` calls:
-  `per_frame` and `buffered` scorers with `begin_class` / `score` / `end_class`. The buffered one scales
-  its refresh cadence to the class (`expect_frames`), reports its refreshes per class (`adaptation`) and
-  raises `BufferedTTAError` when none ran, so a report never claims an adaptation that did not happen.
+* The eval harness's scorers (`eval_scorer`) build on `BufferedTTA`: `pipeline.adaptation.tta.eval_scorers`.
 
 The gate's labelled frames are made here: synthetic defects (`pipeline.adaptation.synthetic`) pasted
 into the newest held-out frames, plus operators' labels: confirmed defects with their mask (positives) and
 false alarms (all-normal frames, whose pixels count as normal in the gate's AUROC and contrast, so a
 candidate that raises them looks worse), all scored with the base model at each refresh. The worker's
 `AdapterService` hands the newest labels from Redis to `set_operator_frames` before each refresh;
-`add_labelled` / `add_labelled_normal` add frames by hand (replay, evaluation, tests). Pure torch TTA lives
-in `pipeline.model.self_training`.
+`add_known_defect` / `add_known_normal` add frames by hand (replay, evaluation, tests). Pure torch TTA lives
+in `pipeline.model.tta_*` (`tta_train.refresh_adapter`, `tta_gate`).
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -35,44 +31,35 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.adaptation.synthetic import synthetic_anomaly
+from pipeline.adaptation.synthetic import paste_positives
 from pipeline.adaptation.tta.files import adapter_id
 from pipeline.adaptation.tta.token_buffer import TokenBuffer
 from pipeline.errors import AnoclipError
+from pipeline.inspection.frame_scorer import FrameScorer, RawScore
 from pipeline.inspection.imaging import model_input_size
-from pipeline.inspection.inspector import Inspector, RawScore
 from pipeline.model.adapters import ResidualAdapter
-from pipeline.model.self_training import (
-    Admission,
-    AdmissionRule,
-    BufferedBudget,
-    GateRule,
-    LabelledFrame,
-    MapFn,
-    TrainingReport,
-    TTAParams,
-    holdout_count,
-    patch_scores,
-    refresh_adapter,
-    stream_seed,
-)
 from pipeline.model.text import TextFeatures
-from pipeline.settings import Settings, TTASettings
+from pipeline.model.tta_admission import Admission
+from pipeline.model.tta_gate import GateFrame
+from pipeline.model.tta_params import AdmissionRule, BufferedBudget, GateRule, TTAParams
+from pipeline.model.tta_scoring import MapFn, patch_scores
+from pipeline.model.tta_train import TrainingReport, holdout_count, refresh_adapter
+from pipeline.settings import TTASettings
 
 ScoreFn = Callable[[list[np.ndarray]], list[RawScore]]
 """Score frames with the line's *base* model (no adapter): what the gate's positives are scored with."""
 
 LABELLED_MAX = 64
-"""Frames added by hand (`add_labelled`, `add_labelled_normal`) a line keeps for its gate (oldest out first)."""
+"""Frames added by hand (`add_known_defect`, `add_known_normal`) a line keeps for its gate (oldest out first)."""
 FALSE_ALARM_SOURCE = "false_alarm"
-"""`LabelledFrame.source` of an operator's false alarm: a frame whose every pixel is labelled normal."""
+"""`GateFrame.source` of an operator's false alarm: a frame whose every pixel is labelled normal."""
 
 
 class BufferedTTAError(AnoclipError):
     """Buffered TTA cannot do what was asked, e.g. an evaluation in which no refresh ran."""
 
 
-def model_map_fn(inspector: Inspector, text: TextFeatures) -> MapFn:
+def model_map_fn(inspector: FrameScorer, text: TextFeatures) -> MapFn:
     """A frame's map from its raw tokens exactly as the scorer builds it (`AnoCLIP.maps_from_tokens`)."""
     model = inspector.model
 
@@ -90,7 +77,7 @@ def model_map_fn(inspector: Inspector, text: TextFeatures) -> MapFn:
     return fn
 
 
-def input_resizer(inspector: Inspector) -> Callable[[np.ndarray], np.ndarray]:
+def input_resizer(inspector: FrameScorer) -> Callable[[np.ndarray], np.ndarray]:
     """Resize a frame to its model input size (what the buffer keeps for the gate's pasted defects)."""
     size, mode = inspector.model.image_size, inspector.settings.model.resize
 
@@ -110,7 +97,7 @@ def _mask_to(mask: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(m))
 
 
-def admission_ceiling(inspector: Inspector, line_id: str) -> float | None:
+def admission_ceiling(inspector: FrameScorer, line_id: str) -> float | None:
     """The absolute image-score ceiling for admission: the configured one, else the line's image
     threshold once it is configured or calibrated (a frame the line would call anomalous never enters)."""
     cfg = inspector.settings.tta.admit_max_image_score
@@ -176,9 +163,9 @@ class BufferedTTA:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_line(cls, inspector: Inspector, line_id: str) -> BufferedTTA:
-        """State for a line as the Inspector serves it (its text features, adapter kind, thresholds), with
-        the gate's positives scored by the Inspector's base model and maps built as the scorer builds them."""
+    def for_line(cls, inspector: FrameScorer, line_id: str) -> BufferedTTA:
+        """State for a line as the FrameScorer serves it (its text features, adapter kind, thresholds), with
+        the gate's positives scored by the FrameScorer's base model and maps built as the scorer builds them."""
         text = inspector.prepare_line(line_id)
         th = inspector.line(line_id).threshold
         return cls(
@@ -252,12 +239,12 @@ class BufferedTTA:
         """A refresh is due: `refresh_every` frames offered since the last one and enough admitted."""
         return self._since_refresh >= self.settings.refresh_every and len(self.buffer) >= self.settings.min_frames
 
-    def add_labelled(self, image: np.ndarray, mask: np.ndarray, source: str = "operator") -> None:
+    def add_known_defect(self, image: np.ndarray, mask: np.ndarray, source: str = "operator") -> None:
         """A frame with a confirmed defect and its mask joins the gate's labelled positives at every later
         refresh (scored with the base model then)."""
         self.labelled.append(_labelled_item(image, mask, source))
 
-    def add_labelled_normal(self, image: np.ndarray, source: str = FALSE_ALARM_SOURCE) -> None:
+    def add_known_normal(self, image: np.ndarray, source: str = FALSE_ALARM_SOURCE) -> None:
         """A frame known to be normal (an operator's false alarm) joins every later refresh's gate: all its
         pixels count as normal, so a candidate that raises its scores loses pixel AUROC and contrast."""
         self.labelled.append(_labelled_item(image, None, source))
@@ -270,24 +257,22 @@ class BufferedTTA:
         with self._lock:
             self.operator = items
 
-    def make_positives(self, frame_ids: list[str], images: dict[str, np.ndarray]) -> list[LabelledFrame]:
+    def make_positives(self, frame_ids: list[str], images: dict[str, np.ndarray]) -> list[GateFrame]:
         """The gate's labelled frames: a synthetic defect pasted into each held-out frame whose image is kept
         (newest `gate_positives`), plus the labelled frames (defects and false alarms), scored with the base
         model."""
         if self.score_fn is None:
             return []
-        pasted = []
-        for fid in [f for f in frame_ids if f in images][-self.settings.gate_positives :]:
-            seed = stream_seed(self.params.seed, zlib.crc32(fid.encode()))
-            a = synthetic_anomaly(images[fid], seed)
-            pasted.append((a.image, a.mask, "synthetic"))
+        newest = [f for f in frame_ids if f in images][-self.settings.gate_positives :]
+        pasted = [(a.image, a.mask, "synthetic")
+                  for _, a in paste_positives([(f, images[f]) for f in newest], self.params.seed)]
         with self._lock:
             operator = list(self.operator.values())
         items = pasted + list(self.labelled) + operator
         if not items:
             return []
         raws = self.score_fn([im for im, _, _ in items])
-        return [LabelledFrame(r.tokens, _mask_to(m, r.input_hw), src)
+        return [GateFrame(r.tokens, _mask_to(m, r.input_hw), src)
                 for r, (_, m, src) in zip(raws, items, strict=True)]
 
     def train_candidate(
@@ -307,7 +292,7 @@ class BufferedTTA:
         if len(self.buffer):
             frames, window, ids, images = self.buffer.snapshot_full(self.text.class_embeddings.device)
         serving, base_version = self.current, self.version
-        positives: list[LabelledFrame] = []
+        positives: list[GateFrame] = []
         if frames is None:
             adapter, report = refresh_adapter_empty(self.kind, self.params, budget, self.gate)
         else:
@@ -356,7 +341,7 @@ class BufferedTTA:
         return report
 
 
-def positive_counts(frames: Iterable[LabelledFrame]) -> dict[str, int]:
+def positive_counts(frames: Iterable[GateFrame]) -> dict[str, int]:
     """The gate's labelled frames by source: synthetic and operator-confirmed defects, false alarms."""
     n = Counter(f.source for f in frames)
     labelled = sum(v for k, v in n.items() if k not in ("synthetic", FALSE_ALARM_SOURCE))
@@ -390,7 +375,8 @@ def refresh_adapter_empty(
     )
 
 
-def _score_seconds(raw: RawScore) -> float:
+def score_seconds(raw: RawScore) -> float:
+    """The seconds scoring `raw` took (its timings are in ms)."""
     return sum(raw.timings.values()) / 1e3
 
 
@@ -405,7 +391,7 @@ class ReplayStep:
 
 
 def replay_buffered(
-    inspector: Inspector,
+    inspector: FrameScorer,
     line_id: str,
     images: Iterable[np.ndarray],
     *,
@@ -434,7 +420,7 @@ def replay_buffered(
         raws = inspector.score_raw(line_id, batch, adapter=st.current)
         steps = []
         for raw in raws:
-            admission = st.observe(f"replay-{n}", raw.tokens, raw.score, score_seconds=_score_seconds(raw),
+            admission = st.observe(f"replay-{n}", raw.tokens, raw.score, score_seconds=score_seconds(raw),
                                    input_hw=raw.input_hw, image=raw.image)
             steps.append(ReplayStep(raw, version, admission, None))
             n += 1
@@ -450,149 +436,6 @@ def replay_buffered(
             pending = []
     if pending:
         yield from run(pending)
-
-
-# ------------------------------------------------------------------------------------------------
-# eval harness hook (pipeline.evaluation.loop.make_scorer)
-# ------------------------------------------------------------------------------------------------
-class PerFrameScorer:
-    """`--tta per_frame`: every frame's map from its own fresh adapter; nothing carries between frames."""
-
-    name = "per_frame"
-
-    def __init__(self, inspector: Inspector) -> None:
-        self.inspector = inspector
-
-    def begin_class(self, line_id: str) -> None:
-        self.inspector.prepare_line(line_id)
-
-    def score(self, line_id: str, images: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
-        return [(r.score, r.anomaly_map.numpy()) for r in self.inspector.score_raw(line_id, images, tta="per_frame")]
-
-    def end_class(self, line_id: str) -> None:
-        return None
-
-
-EVAL_REFRESHES = 3
-"""Refreshes an evaluation plans per class: after 1/4, 1/2 and 3/4 of its frames (never after the last)."""
-EVAL_MIN_FRAMES = 4
-"""The fewest admitted frames an evaluation refresh trains on (3 to train, 1 held out)."""
-
-
-def eval_schedule(n_frames: int, settings: TTASettings) -> tuple[int, int]:
-    """(refresh_every, min_frames) for a class of `n_frames`: dataset classes hold 40-500 frames, far fewer
-    than a stream's defaults (500 between refreshes, 50 admitted), which would never refresh there.
-
-    refresh_every = min(tta.refresh_every, ceil(n / (EVAL_REFRESHES + 1))): refreshes after each quarter;
-    min_frames = min(tta.min_frames, max(EVAL_MIN_FRAMES, refresh_every // 2)).
-    """
-    every = min(settings.refresh_every, max(1, math.ceil(n_frames / (EVAL_REFRESHES + 1))))
-    return every, min(settings.min_frames, max(EVAL_MIN_FRAMES, every // 2))
-
-
-class BufferedScorer:
-    """`--tta buffered`: a fresh `BufferedTTA` per class, fed the class's frames in stream order, causally.
-
-    The refresh cadence is scaled to the class (`expect_frames`, see `eval_schedule`); a refresh runs right
-    after the frame that made it due, and the maps of the batch's later frames are rebuilt from their
-    (pre-adapter) tokens with what it promoted, so batches, and image scores, stay those of `--tta off`.
-    `adaptation[line]` says what happened per class (refreshes, promotions, reasons, schedule, admission);
-    `end_class` raises `BufferedTTAError` when no refresh ran, so a report never claims an adaptation that
-    did not happen.
-    """
-
-    name = "buffered"
-
-    def __init__(self, inspector: Inspector) -> None:
-        self.inspector = inspector
-        self.state: BufferedTTA | None = None
-        self.reports: dict[str, list[TrainingReport]] = {}
-        self.adaptation: dict[str, dict[str, Any]] = {}
-        self._n = 0
-        self._expected: int | None = None
-        self._refreshed_after: list[int] = []
-
-    def begin_class(self, line_id: str) -> None:
-        self.state = BufferedTTA.for_line(self.inspector, line_id)
-        self._n = 0
-        self._expected = None
-        self._refreshed_after = []
-
-    def expect_frames(self, line_id: str, n_frames: int) -> None:
-        """The class's size, known before its first frame: scale the refresh cadence to it."""
-        if self.state is None or self.state.line_id != line_id:
-            self.begin_class(line_id)
-        assert self.state is not None
-        every, min_frames = eval_schedule(n_frames, self.state.settings)
-        self.state.settings = self.state.settings.model_copy(update={"refresh_every": every, "min_frames": min_frames})
-        self._expected = n_frames
-
-    def score(self, line_id: str, images: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
-        st = self.state
-        if st is None or st.line_id != line_id:
-            self.begin_class(line_id)
-            st = self.state
-        assert st is not None
-        raws = self.inspector.score_raw(line_id, images, adapter=st.current)
-        version = st.version
-        out: list[tuple[float, np.ndarray]] = []
-        for raw in raws:
-            amap = raw.anomaly_map
-            if st.version != version:  # promoted mid-batch: this frame's map comes from the new adapter
-                assert st.map_fn is not None
-                amap = st.map_fn(raw.tokens, raw.input_hw, st.current).cpu()
-            out.append((raw.score, amap.numpy()))
-            st.observe(f"{line_id}-{self._n}", raw.tokens, raw.score, time.time(), _score_seconds(raw),
-                       input_hw=raw.input_hw, image=raw.image)
-            self._n += 1
-            frames_left = self._expected is None or self._n < self._expected
-            if st.due and frames_left:
-                st.refresh(timed=False)  # the full step budget: evaluation results must not depend on host load
-                self._refreshed_after.append(self._n)
-        return out
-
-    def end_class(self, line_id: str) -> None:
-        st = self.state
-        self.state = None
-        if st is None:
-            return
-        reports = list(st.reports)
-        self.reports[line_id] = reports
-        stats = st.buffer.stats()
-        summary = {
-            "mode": "buffered",
-            "refreshes": len(reports),
-            "promoted": sum(r.accepted for r in reports),
-            "refused": sum(not r.accepted for r in reports),
-            "outcomes": [
-                {"after_frame": n, "accepted": r.accepted, "reasons": r.reasons, "steps": r.steps,
-                 "frames_train": r.frames_train, "frames_val": r.frames_val,
-                 "positives": r.extra.get("positives", {}),
-                 **{k: r.validation[k] for k in ("pixel_auroc_candidate", "pixel_auroc_serving", "contrast_ratio")
-                    if k in r.validation},
-                 "thresholds": r.thresholds}
-                for n, r in zip(self._refreshed_after, reports, strict=False)
-            ],
-            "schedule": {"frames": self._n, "refresh_every": st.settings.refresh_every,
-                         "min_frames": st.settings.min_frames},
-            "admission": stats,
-        }
-        self.adaptation[line_id] = summary
-        if not reports:
-            raise BufferedTTAError(
-                f"buffered TTA on line {line_id!r}: no refresh ran ({self._n} frames offered, "
-                f"{stats.get('admitted', 0)} admitted; a refresh needs {st.settings.min_frames} admitted frames "
-                f"and {st.settings.refresh_every} offered, with frames left to serve). The report would claim an "
-                "adaptation that did not happen: evaluate with --tta off, or a larger class.")
-
-
-def eval_scorer(mode: str, inspector: Inspector, settings: Settings | None = None) -> PerFrameScorer | BufferedScorer:
-    """The evaluation scorer for a TTA mode ('per_frame' or 'buffered'); settings come from the inspector."""
-    if mode == "per_frame":
-        return PerFrameScorer(inspector)
-    if mode == "buffered":
-        return BufferedScorer(inspector)
-    raise ValueError(f"no TTA scorer for mode {mode!r} (per_frame | buffered)")
 
 
 def report_figures(report: TrainingReport) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""Adapter files: safetensors tensors plus JSON metadata in the safetensors header. Never pickles.
+"""Adapter files: the one artifact format (`pipeline.adaptation.artifacts`: safetensors tensors plus JSON metadata
+in the header; never pickles) with an adapter's metadata.
 
-The same bytes (`to_bytes` / `from_bytes`) go to disk and into the Redis adapter registry. An adapter
-only means something for the exact model weights, prompt sentences and line it was trained with, so
-loading checks all of them against an `AdapterTarget` and raises `AdapterMismatchError` naming the
-difference.
+The same bytes (`to_bytes` / `from_bytes`) go to disk and into the version registry in Redis
+(`pipeline.adaptation.registry`). An adapter only means something for the exact model weights, prompt
+sentences and line it was trained with, so loading checks all of them against an `AdapterTarget` and raises
+`AdapterMismatchError` naming the difference.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -20,22 +20,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pipeline.adaptation.artifacts import load_tensors, read_header_meta
 from pipeline.errors import AdapterMismatchError
 from pipeline.model.adapters import ResidualAdapter, create_adapter
-from pipeline.model.self_training import TrainingReport
 from pipeline.model.text import TextFeatures
+from pipeline.model.tta_train import TrainingReport
 from pipeline.settings import ADAPTER_KINDS
 
 if TYPE_CHECKING:
-    from pipeline.inspection.inspector import Inspector
+    from pipeline.inspection.frame_scorer import FrameScorer
 
 FORMAT = "anoclip-adapter"
 FORMAT_VERSION = 1
 META_KEY = "anoclip_adapter"
-_MAX_HEADER = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,8 @@ class AdapterTarget:
     precision: str = "fp32"
 
 
-def target_for(inspector: Inspector, line_id: str) -> AdapterTarget:
-    """The target of a line as the Inspector serves it."""
+def target_for(inspector: FrameScorer, line_id: str) -> AdapterTarget:
+    """The target of a line as the FrameScorer serves it."""
     m = inspector.model
     return AdapterTarget(m.arch, m.weights_id, m.embed_dim, inspector.prompt_hash(line_id), line_id,
                          inspector.line(line_id).adapter_kind, m.precision)
@@ -142,31 +141,6 @@ def to_bytes(adapter: ResidualAdapter, meta: dict[str, Any]) -> bytes:
     return st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)})
 
 
-def read_header_meta(
-    data: bytes, *, meta_key: str, fmt: str, version: int, error: type[Exception], noun: str, article: str = "a",
-    max_header: int = _MAX_HEADER,
-) -> dict[str, Any]:
-    """The JSON metadata under `meta_key` in a safetensors header (parses only the header, loads no tensors).
-
-    Shared by adapter files and memory banks (`pipeline.adaptation.memory.bank`): anything that is not
-    safetensors, lacks the metadata, or has another format or format version raises `error`, whose message
-    names the `noun` ("adapter file", "memory bank").
-    """
-    if len(data) < 8:
-        raise error(f"not {article} {noun}: too short to be safetensors")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > max_header or 8 + n > len(data):
-        raise error(f"not {article} {noun}: invalid safetensors header")
-    try:
-        header = json.loads(data[8 : 8 + n])
-        meta = json.loads(header["__metadata__"][meta_key])
-    except (ValueError, KeyError, TypeError) as e:
-        raise error(f"not an anoclip {noun}: no {meta_key} metadata in its safetensors header") from e
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise error(f"not an anoclip {noun}: unknown format")
-    if meta.get("format_version") != version:
-        raise error(f"{noun} format version {meta.get('format_version')} is not supported (this build reads {version})")
-    return meta
 
 
 def read_meta(data: bytes) -> dict[str, Any]:
@@ -208,12 +182,7 @@ def from_bytes(
     """
     meta = read_meta(data)
     check_meta(meta, target)
-    try:
-        tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error types for damaged data
-        raise AdapterMismatchError(f"adapter tensors unreadable: {e}") from e
-    if set(tensors) != {"weight", "bias"}:
-        raise AdapterMismatchError(f"adapter holds tensors {sorted(tensors)}, expected weight and bias")
+    tensors = load_tensors(data, ("weight", "bias"), error=AdapterMismatchError, noun="adapter")
     try:
         residual = float(meta["residual"])
         adapter = create_adapter(meta["kind"], text, residual, init=False)

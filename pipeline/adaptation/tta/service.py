@@ -8,7 +8,7 @@
 * Buffering: `observe` offers each scored frame's raw tokens to the line's `BufferedTTA` (admission
   judged with the base model).
 * Refreshing: a trainer thread, off the poll and scoring threads, trains when a refresh is due (every
-  `refresh_every` frames or `refresh_interval_s`) or requested (`anoclip adapters refresh`), under a
+  `refresh_every` frames or `refresh_interval_s`) or requested (`anoclip versions refresh`), under a
   per-line Redis lock so one worker trains per line. The training budget is a share of the scoring
   time (`train_share`). Accepted candidates are published through the registry, which refuses them if
   the line was paused or rolled back meanwhile; refusals are recorded with their reasons.
@@ -33,13 +33,14 @@ import numpy as np
 import redis
 from PIL import Image
 
-from pipeline.adaptation.registry import AdapterRegistry, TrainerLock
+from pipeline.adaptation.lifecycle import Candidate, Loaded, ServiceThread, VersionFollower, settle
+from pipeline.adaptation.registry import RefreshLock, VersionRegistry
 from pipeline.adaptation.tta.buffered import BufferedTTA, admission_ceiling, report_figures
 from pipeline.adaptation.tta.files import TrainingMeta, build_meta, from_bytes, target_for, to_bytes
-from pipeline.errors import AdapterMismatchError, ImageError
+from pipeline.errors import ImageError
+from pipeline.inspection.frame_scorer import FrameScorer, RawScore
 from pipeline.inspection.imaging import decode_image
-from pipeline.inspection.inspector import Inspector, RawScore
-from pipeline.model.self_training import BufferedBudget, TTAParams
+from pipeline.model.tta_params import BufferedBudget, TTAParams
 from pipeline.observability.telemetry import WorkerTelemetry
 from pipeline.operators.labels import CONFIRMED, FALSE_ALARM, AlertLabel, LabelStore
 
@@ -55,8 +56,9 @@ class _LineState:
     """Last refresh request read; None until first read (requests from before this worker are not ours)."""
     pending: dict[str, float] = field(default_factory=dict)
     """Refresh request id -> when it was made (epoch seconds), until answered."""
-    bad_versions: set[str] = field(default_factory=set)
     labels: dict[LabelKey, LabelledImage | None] = field(default_factory=dict)
+    remembers: bool = False
+    """The line also runs the patch memory (`memory: stream`): its verdicts come from the memory's fused score."""
     """Operator-labelled frames as last decoded (None: unusable), kept while the label stays among the newest."""
 
 
@@ -141,13 +143,13 @@ def operator_frames(
     return out
 
 
-class AdapterService:
+class AdapterService(ServiceThread):
     """Per-worker owner of every line's adapter: serving, buffering, refreshing."""
 
     def __init__(
         self,
-        inspector: Inspector,
-        registry: AdapterRegistry,
+        inspector: FrameScorer,
+        registry: VersionRegistry,
         lines: list[str],
         worker_id: str,
         telemetry: WorkerTelemetry | None = None,
@@ -160,13 +162,17 @@ class AdapterService:
         self.labels = LabelStore(registry.client, registry.keys)
         self.compute_dtype = TTAParams.from_settings(self.settings).compute_dtype
         self.lines: dict[str, _LineState] = {
-            line: _LineState(BufferedTTA.for_line(inspector, line)) for line in lines
+            line: _LineState(BufferedTTA.for_line(inspector, line), remembers=inspector.line(line).memory == "stream")
+            for line in lines
         }
         for st in self.lines.values():
             try:
                 st.seen_request = registry.last_request_id(st.tta.line_id)
             except Exception:  # Redis away at start-up: read it on the first trainer step
                 st.seen_request = None
+        self.targets = {line: target_for(inspector, line) for line in lines}
+        """What each line's adapters must fit (model weights, prompts, line): fixed for the worker's life."""
+        self.follower = VersionFollower(registry, self._load, self._serve_version)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._train = True
@@ -177,27 +183,21 @@ class AdapterService:
         return st.serving if st is not None else (None, None)
 
     def sync(self, line: str) -> bool:
-        """Follow the registry's `current` pointer; True when the served adapter changed."""
+        """Follow the registry's `current` pointer (`lifecycle.VersionFollower`); True when the adapter changed."""
+        return self.follower.sync(line)
+
+    def _load(self, line: str, version: str) -> Loaded:
+        adapter, meta = from_bytes(self.registry.tensors(line, version), self.targets[line],
+                                   self.lines[line].tta.text, self.compute_dtype)
+        return Loaded(adapter, meta.get("thresholds") or None)
+
+    def _serve_version(self, line: str, loaded: Loaded | None, version: str | None) -> None:
         st = self.lines[line]
-        version = self.registry.current(line)
-        if version == st.serving[1] or version in st.bad_versions:
-            return False
-        thresholds: dict[str, Any] | None = None
-        if version is None:
-            adapter = None
-        else:
-            try:
-                adapter, meta = from_bytes(self.registry.tensors(line, version), target_for(self.inspector, line),
-                                           st.tta.text, self.compute_dtype)
-            except (AdapterMismatchError, KeyError) as e:
-                # Keep serving what we have; a bad version must not take the line down.
-                st.bad_versions.add(version)
-                log.error("line %s: adapter %s cannot be served here: %s", line, version, e)
-                return False
-            thresholds = meta.get("thresholds") or None
+        adapter, thresholds = (loaded.state, loaded.thresholds) if loaded is not None else (None, None)
         previous = st.serving[1]
-        # thresholds first: a frame judged as `version` must find that version's thresholds
-        self.inspector.thresholds(line).set_version(version, thresholds)
+        if not st.remembers:  # a memory line is judged by its bank's thresholds; the adapter's judge no frame
+            # thresholds first: a frame judged as `version` must find that version's thresholds
+            self.inspector.thresholds(line).set_version(version, thresholds)
         st.serving = (adapter, version)
         st.tta.serve(adapter, version, thresholds)
         if self.telemetry is not None:
@@ -205,15 +205,24 @@ class AdapterService:
             self.telemetry.adapter_version.labels(line, version or "base").set(1)
         log.info("line %s: now serving adapter %s (thresholds %s)", line, version or "none (base model)",
                  thresholds or "of the line")
-        return True
 
     # -- buffering ------------------------------------------------------------------------------
-    def observe(self, line: str, frame_id: str, raw: RawScore, score_seconds: float, timestamp: float) -> None:
-        """Offer a scored frame to the line's buffer (only in buffered mode)."""
+    def observe(self, line: str, frame_id: str, raw: RawScore, score_seconds: float, timestamp: float, *,
+                judged_anomalous: bool = False) -> None:
+        """Offer a scored frame to the line's buffer (only in buffered mode).
+
+        A line's image threshold caps admission (`admission_ceiling`: a frame the line would call anomalous never
+        enters). On a line that also runs the memory the verdict comes from the fused score, which is not the raw
+        CLS score the buffer ranks, so the cap is the verdict itself (`judged_anomalous`)."""
         st = self.lines.get(line)
         if st is None or self.settings.mode != "buffered":
             return
-        st.tta.set_ceiling(admission_ceiling(self.inspector, line))
+        if st.remembers:
+            if judged_anomalous:  # judged by the bank's (or the cold start's) thresholds: never a default
+                return
+            st.tta.set_ceiling(self.settings.admit_max_image_score)
+        else:
+            st.tta.set_ceiling(admission_ceiling(self.inspector, line))
         st.tta.observe(frame_id, raw.tokens, raw.score, timestamp, score_seconds=score_seconds,
                        input_hw=raw.input_hw, image=raw.image)
         if self.telemetry is not None:
@@ -224,15 +233,8 @@ class AdapterService:
         """Run the service thread. `train=False` only follows the registry (`anoclip serve`): it buffers
         nothing, so it never trains nor answers refresh requests; the workers do."""
         self._train = train
-        self._thread = threading.Thread(target=self._loop, name="adapter-trainer" if train else "adapter-follower",
-                                        daemon=True)
-        self._thread.start()
+        self._start_thread("adapter-trainer" if train else "adapter-follower", self._loop)
         return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.trainer_poll_s):
@@ -268,7 +270,7 @@ class AdapterService:
             return  # let a worker that holds this line's frames answer first
         if not (st.tta.due or interval_due or requested):
             return
-        lock = TrainerLock(self.registry.client, self.registry.keys, line, self.worker_id, s.lock_ttl_s)
+        lock = RefreshLock(self.registry.client, self.registry.keys, line, self.worker_id, s.lock_ttl_s)
         if not lock.acquire():
             return  # another worker is training (or answering) for this line
         try:
@@ -288,7 +290,7 @@ class AdapterService:
         finally:
             lock.release()
 
-    def refresh(self, line: str, lock: TrainerLock | None = None, request_ids: list[str] | None = None) -> dict:
+    def refresh(self, line: str, lock: RefreshLock | None = None, request_ids: list[str] | None = None) -> dict:
         """Train, gate and publish (or refuse) one candidate for `line`; answers `request_ids`."""
         st = self.lines[line]
         base_version = st.serving[1]
@@ -324,32 +326,24 @@ class AdapterService:
             return {"action": "abandoned", "reason": str(e)}
         figures = report_figures(report)
         if adapter is None or not report.accepted:
-            reason = "; ".join(report.reasons) or "refused"
-            for rid in rids or [None]:
-                self.registry.record(line, "refuse", actor=self.worker_id, reason=reason, request_id=rid,
-                                     report=figures)
-            self._forget(st, rids)
-            self._count(line, "refused")
-            log.info("line %s: candidate adapter refused: %s", line, reason)
-            return {"action": "refuse", "reason": reason}
-        meta = build_meta(adapter, target_for(self.inspector, line),
-                          training_window=report.extra.get("training_window"), validation=report.validation,
-                          training=TrainingMeta.from_report(report), thresholds=report.thresholds)
-        result = self.registry.publish(line, to_bytes(adapter, meta), meta, actor=self.worker_id,
-                                       reason=report.summary(), base_version=base_version,
-                                       request_id=rids[0] if rids else None,
-                                       audit={"admission": figures["admission"], "positives": figures["positives"]})
-        for rid in rids[1:]:
-            self.registry.record(line, "promote" if result.promoted else "refuse", actor=self.worker_id,
-                                 reason=result.reason, request_id=rid, version=result.version)
+            candidate = Candidate(None, {}, "; ".join(report.reasons) or "refused", refusal_audit={"report": figures})
+        else:
+            meta = build_meta(adapter, self.targets[line],
+                              training_window=report.extra.get("training_window"), validation=report.validation,
+                              training=TrainingMeta.from_report(report), thresholds=report.thresholds)
+            candidate = Candidate(to_bytes(adapter, meta), meta, report.summary(),
+                                  audit={"admission": figures["admission"], "positives": figures["positives"]})
+        outcome = settle(self.registry, line, candidate, owner=self.worker_id, base_version=base_version,
+                         request_ids=rids)
         self._forget(st, rids)
-        if not result.promoted:
+        if not outcome.promoted:
             self._count(line, "refused")
-            return {"action": "refuse", "reason": result.reason}
+            log.info("line %s: candidate adapter refused: %s", line, outcome.reason)
+            return {"action": "refuse", "reason": outcome.reason}
         self._count(line, "promoted")
         self.sync(line)
-        log.info("line %s: promoted adapter %s (%s)", line, result.version, report.summary())
-        return {"action": "promote", "version": result.version}
+        log.info("line %s: promoted adapter %s (%s)", line, outcome.version, report.summary())
+        return {"action": "promote", "version": outcome.version}
 
     def _load_labels(self, st: _LineState) -> None:
         """Hand the line's newest operator labels to its gate (kept as they were when Redis cannot answer)."""

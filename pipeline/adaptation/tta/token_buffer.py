@@ -1,7 +1,7 @@
 """A bounded per-line ring buffer of fp16 patch tokens for buffered TTA, with admission.
 
 The streaming worker offers every scored frame; only frames the base model calls confidently normal
-get in (see `pipeline.model.self_training.admit`), with their abnormal-looking patches marked so the trainer
+get in (see `pipeline.model.tta_admission.admit`), with their abnormal-looking patches marked so the trainer
 never reads them. The buffer is bounded by frame count and by bytes, evicting the oldest frames, and
 is thread-safe: the poll thread offers while a trainer thread takes snapshots.
 
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.model.self_training import Admission, AdmissionRule, TokenSet, admit
+from pipeline.model.tta_admission import Admission, admit
+from pipeline.model.tta_params import AdmissionRule
+from pipeline.model.tta_train import TokenSet
 
 
 @dataclass
@@ -98,7 +100,7 @@ class TokenBuffer:
         """Judge a scored frame and keep it if admitted.
 
         tokens: the frame's raw tokens (..., C), e.g. `RawScore.tokens`; scores: their base-model
-        p(abnormal) with the same leading shape (`pipeline.model.self_training.patch_scores(tokens, text)`).
+        p(abnormal) with the same leading shape (`pipeline.model.tta_scoring.patch_scores(tokens, text)`).
         input_hw: the model input size; image: the frame at that size (HxWx3 uint8), or a function making
         it (called only for admitted frames), kept for the newest admitted frames only.
         """

@@ -38,10 +38,10 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.adaptation.memory.service import MemoryService
-from pipeline.adaptation.registry import AdapterRegistry
+from pipeline.adaptation.registry import VersionRegistry
 from pipeline.adaptation.tta.service import AdapterService
 from pipeline.errors import ConfigError
-from pipeline.inspection.inspector import Inspector
+from pipeline.inspection.frame_scorer import FrameScorer
 from pipeline.observability.telemetry import Health, TelemetryServer, WorkerTelemetry
 from pipeline.services.redis_client import RETRYABLE
 from pipeline.settings import Settings
@@ -65,7 +65,7 @@ log = logging.getLogger("anoclip.worker")
 class InspectionWorker:
     """One consumer-group member. `run()` blocks until `stop()` (or SIGTERM) and returns an exit code."""
 
-    def __init__(self, settings: Settings, *, worker_id: str | None = None, inspector: Inspector | None = None,
+    def __init__(self, settings: Settings, *, worker_id: str | None = None, inspector: FrameScorer | None = None,
                  metrics_port: int | None = None) -> None:
         self.settings = settings
         self.kafka, self.worker_settings = settings.kafka, settings.worker
@@ -94,7 +94,7 @@ class InspectionWorker:
                                            self._abandon, self.dead_letters.send)
         self.lag = LagMonitor(self.kafka, self.telemetry, self.health, lambda: list(self.rebalancer.assigned))
         self._inspector = inspector
-        self.inspector: Inspector | None = None
+        self.inspector: FrameScorer | None = None
         self.adapters: AdapterService | None = None
         self.memory: MemoryService | None = None
         self.housekeeping: Housekeeping | None = None
@@ -125,9 +125,9 @@ class InspectionWorker:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
-    def _load_model(self) -> Inspector:
+    def _load_model(self) -> FrameScorer:
         t0 = time.monotonic()
-        insp = self._inspector or Inspector.from_settings(self.settings)
+        insp = self._inspector or FrameScorer.from_settings(self.settings)
         for line in sorted(self.lines):
             insp.prepare_line(line)
         # Warm up once per line outside calibration (score_raw does not feed the thresholds).
@@ -189,24 +189,24 @@ class InspectionWorker:
                 backoff = min(backoff * 2, self.worker_settings.retry_backoff_max_s)
         return False
 
-    def _start_adapters(self, inspector: Inspector) -> None:
+    def _start_adapters(self, inspector: FrameScorer) -> None:
         """Buffered TTA: serve each line's registry adapter and refresh it (`pipeline.adaptation.tta.service`)."""
         if self.settings.tta.mode != "buffered":
             return
-        registry = AdapterRegistry(self.publisher.client, self.publisher.keys)
+        registry = VersionRegistry(self.publisher.client, self.publisher.keys)
         self.adapters = AdapterService(inspector, registry, sorted(self.lines), self.worker_id, self.telemetry)
         for line in sorted(self.lines):
             with contextlib.suppress(*RETRYABLE):  # Redis down: the service's own loop catches up
                 self.adapters.sync(line)
         self.adapters.start()
 
-    def _start_memory(self, inspector: Inspector) -> None:
+    def _start_memory(self, inspector: FrameScorer) -> None:
         """`memory: stream` lines: score with the line's patch memory, build banks off the scoring thread and
         serve the registry's current bank (`pipeline.adaptation.memory.service`, docs/memory.md)."""
         lines = sorted(x.id for x in self.settings.lines if x.memory == "stream")
         if not lines:
             return
-        registry = AdapterRegistry(self.publisher.client, self.publisher.keys, kind="banks")
+        registry = VersionRegistry(self.publisher.client, self.publisher.keys, kind="banks")
         self.memory = MemoryService(inspector, registry, lines, self.worker_id, self.telemetry,
                                     poll_s=self.settings.tta.trainer_poll_s)
         for line in lines:
@@ -214,7 +214,7 @@ class InspectionWorker:
                 self.memory.sync(line)
         self.memory.start()
 
-    def _start_threads(self, inspector: Inspector) -> None:
+    def _start_threads(self, inspector: FrameScorer) -> None:
         scorer = BatchScorer(self.settings, self.worker_id, inspector, self.adapters, self.telemetry,
                              self.dead_letters.send, self._publish_q, self.memory)
         assert self.housekeeping is not None

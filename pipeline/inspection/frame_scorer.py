@@ -1,7 +1,8 @@
-"""Frames of a line in, verdicts, maps, masks and regions out: the scorer plus each line's state.
+"""The model's side of judging a line's frames: the model, each line's text features and thresholds, frames
+scored (`score_raw`) and one scored frame judged against a threshold view (`judge`).
 
-Both `anoclip score` and the streaming worker go through this one class, so a frame is judged the
-same way wherever it comes from.
+Nothing calls `judge` but the one verdict path (`pipeline.verdicts.Inspector`), which decides what a frame is
+scored with (adapter, memory bank) and whose thresholds judge it, for the worker, serve, score and the API alike.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class Inspection:
     heatmap_range: tuple[float, float]
     adapter_version: str | None
     timings: dict[str, float]
+    bank_version: str | None = None
+    """The patch-memory bank that scored the frame (None: no memory, or its cold start)."""
 
     def summary(self) -> dict[str, object]:
         """JSON-ready result without the arrays."""
@@ -77,12 +80,13 @@ class Inspection:
             "defect_area": int(self.mask.sum()),
             "regions": [r.to_dict() for r in self.regions],
             "adapter_version": self.adapter_version,
+            "bank_version": self.bank_version,
             "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
 
-class Inspector:
-    """Holds the model, each line's text features and thresholds."""
+class FrameScorer:
+    """Holds the model, each line's text features and thresholds (one per process, shared by every path)."""
 
     def __init__(self, settings: Settings, model: AnoCLIP, text_cache: TextFeatureCache | None = None) -> None:
         self.settings = settings
@@ -92,7 +96,8 @@ class Inspector:
         self._thresholds: dict[str, LineThresholds] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Inspector:
+    def from_settings(cls, settings: Settings) -> FrameScorer:
+        """Load the model (nothing followed: `pipeline.verdicts.Inspector.from_settings` for the line's state)."""
         from pipeline.inspection.runtimes import build_model  # precision per CPU, exported runtimes
 
         return cls(settings, build_model(settings.model))
@@ -180,7 +185,8 @@ class Inspector:
         self, line_id: str, tokens: torch.Tensor, text: TextFeatures, out_hw: tuple[int, int]
     ) -> torch.Tensor:
         """(B, H, W) maps of a batch after per-frame TTA on its (B, n_tiles, n_layers, P, C) tokens."""
-        from pipeline.model.self_training import TTAParams, adapt_per_frame
+        from pipeline.model.tta_params import TTAParams
+        from pipeline.model.tta_per_frame import adapt_per_frame
 
         params = TTAParams.from_settings(self.settings.tta)
         result = adapt_per_frame(tokens, text, self.line(line_id).adapter_kind, params,
@@ -188,11 +194,15 @@ class Inspector:
         with torch.no_grad():
             return self.model.maps_from_tokens(tokens, text, out_hw, result.adapter)
 
-    def judge(self, line_id: str, raw: RawScore, adapter_version: str | None = None) -> Inspection:
-        """Thresholds, full-resolution map, mask and regions for one scored frame; feeds calibration."""
+    def judge(self, line_id: str, raw: RawScore, threshold_key: str | None = None, *,
+              calibrate: bool = True) -> Inspection:
+        """Thresholds, map at `raw.frame_hw`, mask and regions for one scored frame (the combine step of the one
+        verdict path, `pipeline.verdicts`). `threshold_key` names the version whose thresholds judge it (an
+        adapter version, `bank:<version>`, None: the line's). `calibrate`: a frame judged by the line's own
+        thresholds feeds their warm-up calibration (workers; never a follower, whose frames are untrusted)."""
         t0 = time.perf_counter()
         th = self.thresholds(line_id)
-        view = th.view(adapter_version)  # the thresholds of the version that scored this frame
+        view = th.view(threshold_key)  # the thresholds of the version that scored this frame
         image_thr, pixel_thr, source, hm_range = view.image, view.pixel, view.source, view.heatmap_range
         h, w = raw.frame_hw
         amap = raw.anomaly_map
@@ -201,7 +211,7 @@ class Inspector:
         amap_np = amap.numpy()
         mask = amap_np >= pixel_thr
         regions = defect_regions(mask, amap_np)
-        if not th.has_version(adapter_version):  # a version's own maps never calibrate the line's thresholds
+        if calibrate and not th.has_version(threshold_key):  # a version's maps never calibrate the line's
             th.observe(raw.score, raw.anomaly_map.numpy())
         timings = dict(raw.timings)
         timings["post"] = (time.perf_counter() - t0) * 1e3
@@ -217,18 +227,6 @@ class Inspector:
             mask=mask,
             regions=regions,
             heatmap_range=hm_range,
-            adapter_version=adapter_version,
+            adapter_version=threshold_key,
             timings=timings,
         )
-
-    def inspect(
-        self,
-        line_id: str,
-        images: list[np.ndarray],
-        adapter: TokenAdapter | None = None,
-        adapter_version: str | None = None,
-        tta: str | None = None,
-    ) -> list[Inspection]:
-        """Score and judge frames of one line (`tta`: see `score_raw`)."""
-        raws = self.score_raw(line_id, images, adapter, tta)
-        return [self.judge(line_id, r, adapter_version) for r in raws]

@@ -1,6 +1,7 @@
-"""`anoclip adapters list|show|rollback|pause|resume|refresh --line LINE`: see and steer a line's adapter
-(`list` without `--line` lists every configured line). `--kind bank` does the same for the line's patch-memory
-banks (`lines[].memory: stream`, docs/memory.md), kept in the same kind of registry; `list` shows both kinds.
+"""`anoclip versions list|show|rollback|pause|resume|refresh --line LINE`: see and steer the versions of what a
+line learned (`list` without `--line` lists every configured line): its TTA adapters (default), or with
+`--kind bank` its patch-memory banks (`lines[].memory: stream`, docs/memory.md), kept in the one version registry;
+`list` shows both kinds. `anoclip versions ...` is the old name, kept as an alias for one release.
 
 `refresh` asks the line's trainer (a running worker) to refresh now and waits for the outcome, so a
 cron job or Kubernetes CronJob can drive refreshes and read the exit code:
@@ -13,7 +14,7 @@ import argparse
 import json
 import sys
 
-from pipeline.adaptation.registry import AdapterRegistry, default_actor
+from pipeline.adaptation.registry import VersionRegistry, default_actor
 from pipeline.errors import AnoclipError
 from pipeline.redis_keys import RedisKeys
 from pipeline.services.redis_client import make_redis
@@ -48,7 +49,7 @@ def _print(obj: object, as_json: bool) -> None:
         print(obj)
 
 
-def _list(reg: AdapterRegistry, line: str) -> dict[str, object]:
+def _list(reg: VersionRegistry, line: str) -> dict[str, object]:
     cur = reg.current(line)
     rows = []
     for v in reg.versions(line):
@@ -79,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise AnoclipError(f"{args.action} needs --line (one of: {', '.join(x.id for x in settings.lines)})")
     lines = [settings.line(args.line).id] if args.line else [x.id for x in settings.lines]  # unknown lines fail here
     client, keys = make_redis(settings.redis), RedisKeys(settings.redis.prefix)
-    banks = AdapterRegistry(client, keys, kind="banks")
-    reg = banks if args.kind == "bank" else AdapterRegistry(client, keys)
+    banks = VersionRegistry(client, keys, kind="banks")
+    reg = banks if args.kind == "bank" else VersionRegistry(client, keys)
     actor = default_actor()
     line = lines[0] if lines else ""
     noun = "memory bank" if args.kind == "bank" else "adapter"
