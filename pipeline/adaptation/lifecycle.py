@@ -126,8 +126,10 @@ class Outcome:
 
 
 def settle(registry: VersionRegistry, line: str, candidate: Candidate, *, owner: str, base_version: str | None,
-           request_ids: Sequence[str] = ()) -> Outcome:
-    """Publish a gated candidate, or record the gate's refusal; each of `request_ids` gets one audit entry."""
+           request_ids: Sequence[str] = (), follower: VersionFollower | None = None) -> Outcome:
+    """Publish a gated candidate, or record the gate's refusal; each of `request_ids` gets one audit entry.
+    `follower`: the caller installs what it promoted itself (it has it in hand), so its follower must not load the
+    new version back from the registry."""
     rids = list(request_ids)
     if candidate.blob is None:
         for rid in rids or [None]:
@@ -142,6 +144,8 @@ def settle(registry: VersionRegistry, line: str, candidate: Candidate, *, owner:
                         request_id=rid, version=result.version)
     if not result.promoted:
         return Outcome("refuse", result.reason)
+    if follower is not None:
+        follower.note(line, result.version)
     return Outcome("promote", result.reason, result.version)
 
 

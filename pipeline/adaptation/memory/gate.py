@@ -4,6 +4,7 @@ pasted in (`make_positives`) against the serving bank or mutual scoring (docs/me
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ from pipeline.adaptation.memory.bank import MemoryBank
 from pipeline.adaptation.memory.params import MemoryParams
 from pipeline.adaptation.memory.records import FrameRecord, frame_record, kept_rows, score_frames
 from pipeline.adaptation.memory.scoring import BankScorer, mutual_raw, score_mutual
-from pipeline.adaptation.memory.stream import HeldOut
+from pipeline.adaptation.memory.stream import BuildJob, HeldOut
 from pipeline.adaptation.synthetic import paste_positives
 from pipeline.inspection.frame_scorer import FrameScorer, RawScore
 from pipeline.model.tta_gate import GateResult, pixel_auroc
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,3 +160,22 @@ def gate_bank(
             reasons.append(f"pixel AUROC on {len(positives)} pasted positives fell to {auc_c:.3f} from the "
                            f"{figures['reference']} reference's {auc_s:.3f} (margin {r.auroc_margin})")
     return GateResult(not reasons, reasons, figures)
+
+
+def gate_build(inspector: FrameScorer, line_id: str, job: BuildJob, bank: MemoryBank, params: MemoryParams,
+               scorer: BankScorer) -> tuple[dict[str, Any], str | None]:
+    """The bank gate of one build (`gate_bank` on the job's held-out frames, a synthetic defect pasted into each):
+    (figures for the audit, None) when the candidate passes, (figures, the refusal) when it does not."""
+    if not job.holdout:
+        why = ("off (memory.gate_holdout_frames: 0)" if params.gate_holdout_frames == 0
+               else f"skipped: a build of {job.frames} admitted frames is too small to hold any out")
+        return {"gate": why}, None
+    positives = make_positives(inspector, line_id, job.holdout, params)
+    result = gate_bank(bank, job.parent, [h.record for h in job.holdout], positives, scorer,
+                       BankGateRule.from_params(params), window=job.window)
+    figures: dict[str, Any] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                               for k, v in result.figures.items()}
+    figures["holdout_ids"] = [h.record.frame_id for h in job.holdout]
+    if not positives:
+        log.warning("line %s: no held-out frame kept its image: the bank gate judged normals only", line_id)
+    return figures, (None if result.accepted else "; ".join(result.reasons))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import queue
 import threading
@@ -38,7 +37,7 @@ from typing import Any
 from pipeline.adaptation.lifecycle import Candidate, Loaded, Outcome, ServiceThread, VersionFollower, settle
 from pipeline.adaptation.memory.bank import MemoryBank, PatchRows
 from pipeline.adaptation.memory.files import from_bytes, to_bytes
-from pipeline.adaptation.memory.gate import BankGateRule, gate_bank, make_positives
+from pipeline.adaptation.memory.gate import gate_build
 from pipeline.adaptation.memory.params import MemoryParams
 from pipeline.adaptation.memory.records import frame_record
 from pipeline.adaptation.memory.stream import BuildJob, StreamMemory, bank_thresholds
@@ -238,8 +237,6 @@ class MemoryService(ServiceThread):
 
     def _stage(self, line: str, bank: MemoryBank | None, version: str | None,
                thresholds: dict[str, Any] | None, carry: PatchRows | None = None) -> None:
-        if self.follower is not None:
-            self.follower.note(line, version)
         with self._swap:
             self.lines[line].staged = (bank, version, thresholds)
             if carry is not None and carry.rows:
@@ -326,7 +323,7 @@ class MemoryService(ServiceThread):
             thresholds = bank_thresholds(bank, job.records, self.params, quantile=cfg.quantile,
                                          pixel_quantile=cfg.pixel_quantile)
             build_s = time.perf_counter() - t0
-            validation, refusal = self._gate(line, job, bank)
+            validation, refusal = gate_build(self.inspector, line, job, bank, self.params, st.memory.scorer)
             gate_s = time.perf_counter() - t0 - build_s
             validation["gate_seconds"] = round(gate_s, 3)
             reason = (f"bank of {bank.patches} patches from {len(bank.frames)} frames "
@@ -345,7 +342,8 @@ class MemoryService(ServiceThread):
                 outcome = (Outcome("refuse", refusal) if refusal is not None
                            else Outcome("promote", reason, bank.version))
             else:
-                outcome = settle(self.registry, line, candidate, owner=self.worker_id, base_version=base_version)
+                outcome = settle(self.registry, line, candidate, owner=self.worker_id, base_version=base_version,
+                                 follower=self.follower)
             if not outcome.promoted:
                 log.info("line %s: memory bank refused: %s", line, outcome.reason)
                 return {"action": "refuse", "reason": outcome.reason, "validation": validation}
@@ -355,22 +353,6 @@ class MemoryService(ServiceThread):
         finally:
             if lock is not None:
                 lock.release()
-
-    def _gate(self, line: str, job: BuildJob, bank: MemoryBank) -> tuple[dict[str, Any], str | None]:
-        """The bank gate (`gate_bank`) on the job's held-out frames: (figures, None) or (figures, the refusal)."""
-        if not job.holdout:
-            why = ("off (memory.gate_holdout_frames: 0)" if self.params.gate_holdout_frames == 0
-                   else f"skipped: a build of {job.frames} admitted frames is too small to hold any out")
-            return {"gate": why}, None
-        positives = make_positives(self.inspector, line, job.holdout, self.params)
-        result = gate_bank(bank, job.parent, [h.record for h in job.holdout], positives, self.lines[line].memory.scorer,
-                           BankGateRule.from_params(self.params), window=job.window)
-        figures = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                   for k, v in result.figures.items()}
-        figures["holdout_ids"] = [h.record.frame_id for h in job.holdout]
-        if not positives:
-            log.warning("line %s: no held-out frame kept its image: the bank gate judged normals only", line)
-        return figures, (None if result.accepted else "; ".join(result.reasons))
 
     def _count(self, line: str, outcome: str) -> None:
         assert outcome in BANK_OUTCOMES
