@@ -12,8 +12,9 @@ memory z is mapped onto 0..1 by a logistic with its midpoint at `Z_MID` and slop
 * a threshold, a Prometheus histogram bucket, a dashboard column or an operator's override means the same
   kind of number on every line, whatever the line runs (zero-shot, adapter, memory, or adapter and memory).
 
-`Z_SPREAD` = 2 keeps z up to about 33 distinct in float32 (1 - score stays above float32's resolution
-near 1), far past any normal frame, so masks and rankings of strong defects do not collapse to ties.
+`Z_SPREAD` = 2 keeps float32 maps distinct where it matters: scores 0.01 z apart stay apart up to z = 20 and
+whole z units apart up to z = 34 (still below 1.0), far past any normal frame, so masks and rankings of strong
+defects do not collapse to ties.
 Internals that compare memories (the bank gate, bank thresholds, `anoclip eval --memory`) stay in z.
 """
 
