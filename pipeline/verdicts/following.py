@@ -48,7 +48,7 @@ class PublishedThresholds:
             self._read[line] = now
         try:
             raw = self.client.hgetall(self.keys.threshold(line))
-        except RETRYABLE as e:
+        except redis.RedisError as e:  # away, or not allowed: judge with the last state read, never fail a request
             log.debug("line %s: published thresholds unavailable, keeping the last read: %s", line, e)
             return
         state = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)

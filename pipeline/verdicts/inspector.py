@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from pipeline.settings import LineSettings, Settings
     from pipeline.verdicts.following import Following
 
+FOLLOW_MODES = ("auto", "always", "never")
+"""`Inspector.from_settings(follow=...)`: follow the line's workers through Redis when it answers, always, never."""
+
 AdapterLookup = Callable[[str], tuple[Any, "str | None"]]
 """line -> (adapter, version) to score it with; (None, None): the base model (`AdapterService.adapter_for`)."""
 
@@ -99,6 +102,8 @@ class Inspector:
         * `always`: as auto, but an unreachable Redis is an error;
         * `never`: the base model and the config's thresholds (calibrated on the first frames given).
         """
+        if follow not in FOLLOW_MODES:
+            raise ValueError(f"follow must be one of {', '.join(FOLLOW_MODES)}, got {follow!r}")
         from pipeline.inspection.runtimes import build_model  # precision per CPU, exported runtimes
 
         scorer = FrameScorer(settings, build_model(settings.model))
