@@ -57,9 +57,9 @@ class _LineState:
     pending: dict[str, float] = field(default_factory=dict)
     """Refresh request id -> when it was made (epoch seconds), until answered."""
     labels: dict[LabelKey, LabelledImage | None] = field(default_factory=dict)
+    """Operator-labelled frames as last decoded (None: unusable), kept while the label stays among the newest."""
     remembers: bool = False
     """The line also runs the patch memory (`memory: stream`): its verdicts come from the memory's fused score."""
-    """Operator-labelled frames as last decoded (None: unusable), kept while the label stays among the newest."""
 
 
 LabelKey = tuple[str, str, int]
