@@ -201,27 +201,6 @@ def score_files(
         thresholds.set_version(adapter_version, own)
         log.info("using %s adapter %s from %s (its thresholds: %s)", meta["kind"], adapter_version, adapter,
                  "replaced by --calibrate" if calib else own or "none, the line's apply")
-    elif tta == "per_frame":
-        adapter_version = "per_frame"
-    batch = settings.model.batch_size
-    if calib:
-        good = []
-        for f in calib:
-            try:
-                good.append(load_image(f, max_pixels=settings.worker.max_pixels))
-            except ImageError as e:
-                print(f"--calibrate: skipped {e}", file=sys.stderr)
-        for start in range(0, len(good), batch):
-            Inspector(inspector).inspect(line_id, good[start:start + batch], adapter=tta_adapter,
-                                         adapter_version=adapter_version, tta=tta)
-        if thresholds.calibration is None:
-            raise AnoclipError(f"--calibrate: only {len(good)} of {len(calib)} images could be read")
-        th_cfg.warmup_frames = 0
-        cal = thresholds.calibration
-        print(f"calibrated on {cal.frames} good image(s): image threshold {cal.image:.4f} (quantile "
-              f"{th_cfg.quantile}), pixel threshold {cal.pixel:.4f} (quantile {th_cfg.pixel_quantile})",
-              file=sys.stderr)
-    thresholds.set_override(threshold, pixel_threshold)
     # A configured line is judged as its workers judge it (their adapter, bank and published thresholds) unless
     # this run makes its own state: an adapter file, a calibration, an ad hoc class, thresholds on the command line.
     follow = adapter is None and not calib and class_name is None and domain is None
@@ -231,6 +210,25 @@ def score_files(
             path.published = None  # the flags win over what the workers published
     else:
         path = Inspector(inspector)
+    batch = settings.model.batch_size
+    if calib:
+        good = []
+        for f in calib:
+            try:
+                good.append(load_image(f, max_pixels=settings.worker.max_pixels))
+            except ImageError as e:
+                print(f"--calibrate: skipped {e}", file=sys.stderr)
+        for start in range(0, len(good), batch):
+            path.inspect(line_id, good[start:start + batch], adapter=tta_adapter, adapter_version=adapter_version,
+                         tta=tta)
+        if thresholds.calibration is None:
+            raise AnoclipError(f"--calibrate: only {len(good)} of {len(calib)} images could be read")
+        th_cfg.warmup_frames = 0
+        cal = thresholds.calibration
+        print(f"calibrated on {cal.frames} good image(s): image threshold {cal.image:.4f} (quantile "
+              f"{th_cfg.quantile}), pixel threshold {cal.pixel:.4f} (quantile {th_cfg.pixel_quantile})",
+              file=sys.stderr)
+    thresholds.set_override(threshold, pixel_threshold)
 
     names = output_names(files, paths)
     out = Path(out)

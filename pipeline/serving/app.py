@@ -156,15 +156,28 @@ class ServeState:
     limits: GeometryLimits | None = None
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
     load_error: str | None = None
-    adapters: AdapterService | None = None
-    """Follows each line's promoted adapter in the Redis registry; None: the base model (`adapter_note` says why)."""
-    adapter_note: str | None = None
-    memory: MemoryService | None = None
-    """Follows the current bank of each `memory: stream` line (read only: never admits, builds nor locks)."""
-    memory_note: str | None = None
     following: Following | None = None
+    """What serve follows of the lines' workers (set by `attach`): adapters, banks, published thresholds."""
     stopping: bool = False
     server_id: str = field(default_factory=lambda: f"serve-{socket.gethostname()}-{os.getpid()}")
+
+    @property
+    def adapters(self) -> AdapterService | None:
+        """Follows each line's promoted adapter in the Redis registry; None: the base model (`adapter_note`: why)."""
+        return self.following.adapters if self.following is not None else None
+
+    @property
+    def adapter_note(self) -> str | None:
+        return self.following.adapter_note if self.following is not None else None
+
+    @property
+    def memory(self) -> MemoryService | None:
+        """Follows the current bank of each `memory: stream` line (read only: never admits, builds nor locks)."""
+        return self.following.memory if self.following is not None else None
+
+    @property
+    def memory_note(self) -> str | None:
+        return self.following.memory_note if self.following is not None else None
 
     def close(self) -> None:
         """Stop batching and following the registries (after the HTTP server stopped answering)."""
@@ -187,8 +200,6 @@ class ServeState:
         keys = self.publisher.keys if self.publisher is not None else None
         following = start_following(self.settings, inspector, client=client, keys=keys, follower_id=self.server_id)
         self.following = following
-        self.adapters, self.memory = following.adapters, following.memory
-        self.adapter_note, self.memory_note = following.adapter_note, following.memory_note
         if self.adapter_note is not None:
             log.info("serving the base model: %s", self.adapter_note.removeprefix("base model: "))
         self.limits = GeometryLimits.from_settings(self.settings.worker, inspector.model.image_size,

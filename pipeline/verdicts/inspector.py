@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from pipeline.adaptation.memory.service import threshold_key
 from pipeline.inspection.frame_scorer import FrameScorer, Inspection, RawScore
 from pipeline.inspection.render import bounded_size
 from pipeline.inspection.thresholds import LineThresholds, ThresholdView
@@ -158,19 +159,31 @@ class Inspector:
     def _memory_for(self, line: str) -> MemoryService | None:
         return self.memory if self.memory is not None and self.memory.serves(line) else None
 
-    def served(self, line: str) -> Served:
-        """What the line's next frames are scored and judged with."""
-        self.scorer.line(line)  # an unknown line fails here, naming the configured ones
-        _, version = self.adapters(line) if self.adapters is not None else (None, None)
-        if self.tta == "per_frame":
-            version = "per_frame"
-        memory = self._memory_for(line)
+    def _tta(self, tta: str | None) -> str | None:
+        tta = tta if tta is not None else self.tta
+        return None if tta == "off" else tta
+
+    def _serving(self, line: str, tta: str | None, adapter: TokenAdapter | None = None,
+                 adapter_version: str | None = None) -> tuple[Any, str | None, MemoryService | None, LineThresholds]:
+        """(adapter, its version, the line's memory or None, its thresholds) for the line's next frames, the
+        published thresholds brought in step: one read of each per call, so every frame of it is scored and judged
+        with the same versions. A fixed `adapter` (an adapter file) stands instead of the line's served one."""
+        if adapter is None and tta != "per_frame" and self.adapters is not None:
+            adapter, adapter_version = self.adapters(line)
+        if tta == "per_frame":
+            adapter_version = "per_frame"
         th = self.scorer.thresholds(line)
         if self.published is not None:
             self.published.sync(line, th)
+        return adapter, adapter_version, self._memory_for(line), th
+
+    def served(self, line: str) -> Served:
+        """What the line's next frames are scored and judged with."""
+        self.scorer.line(line)  # an unknown line fails here, naming the configured ones
+        _, version, memory, th = self._serving(line, self._tta(None))
         if memory is not None:
             bank = memory.following(line)
-            return Served(line, version, bank, True, th.view(memory.threshold_key(bank)))
+            return Served(line, version, bank, True, th.view(threshold_key(bank)))
         return Served(line, version, None, False, th.view(version))
 
     def inspect_frames(self, line: str, images: list[np.ndarray], frame_ids: list[str] | None = None, *,
@@ -179,18 +192,8 @@ class Inspector:
         """Score and judge frames of one line, in order. `frame_ids` name them for the memory (a frame seen
         again is not admitted twice); `adapter`/`adapter_version` fix the adapter for this call (an adapter
         file) instead of the line's served one; `tta` overrides the path's per-frame TTA choice."""
-        tta = tta if tta is not None else self.tta
-        if tta in ("off", None):
-            tta = None
-        if adapter is None and tta != "per_frame":
-            # one read per call: every frame of it is scored and judged with the same versions
-            adapter, adapter_version = self.adapters(line) if self.adapters is not None else (None, None)
-        if tta == "per_frame":
-            adapter_version = "per_frame"
-        memory = self._memory_for(line)
-        th = self.scorer.thresholds(line)
-        if self.published is not None:
-            self.published.sync(line, th)
+        tta = self._tta(tta)
+        adapter, adapter_version, memory, _ = self._serving(line, tta, adapter, adapter_version)
         raws = self.scorer.score_raw(line, images, adapter, tta,
                                      hidden_layers=memory.hidden_layers if memory is not None else ())
         if memory is not None:

@@ -151,11 +151,6 @@ class MemoryService(ServiceThread):
         """The blocks whose patch tokens the model must also return (`FrameScorer.score_raw(hidden_layers=...)`)."""
         return tuple(self.params.layers)
 
-    @staticmethod
-    def threshold_key(version: str | None) -> str:
-        """The threshold key frames scored by bank `version` (None: the cold start) are judged with."""
-        return threshold_key(version)
-
     def serves(self, line: str) -> bool:
         return line in self.lines
 
